@@ -1,0 +1,41 @@
+# `make demo` and `make test` each create .venv if missing, install the pinned set, and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_WORKDIR ?= workdirs/flair_demo
+# pip logs go to .venv/pip.log (shown when an install fails) to keep the console readable.
+PIP := $(PY) -m pip install --disable-pip-version-check
+PIPLOG := $(VENV)/pip.log
+
+.PHONY: demo test gallery bench clean-demo
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo-installed: requirements.txt setup.py | $(VENV)/bin/python
+	@echo "installing the pinned set (requirements.txt) into $(VENV) ..."
+	@$(PIP) -r requirements.txt >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
+	@$(PIP) --no-deps -e . >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
+	$(PY) -c "import retina_jax, jax, flax, optax, orbax.checkpoint, grain, transformers"
+	touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.demo-installed
+	@echo "installing the test set (requirements-test.txt, torch CPU) into $(VENV) ..."
+	@$(PIP) -r requirements-test.txt >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
+	$(PY) -c "import pytest, torch"
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m retina_jax.main --config configs/flair.py:demo --workdir $(DEMO_WORKDIR)
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest tests
+
+gallery: $(VENV)/.demo-installed
+	$(PY) -m retina_jax.data.gallery --out workdirs/gallery.png
+
+bench: $(VENV)/.demo-installed
+	$(PY) benchmarks/corpus_speed.py
+
+clean-demo:
+	rm -rf $(DEMO_WORKDIR)

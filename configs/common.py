@@ -1,0 +1,163 @@
+"""Every default of retina_jax lives here; method configs only override.
+
+Code reads `config.x` directly (never `config.get('x', default)`), so a field missing here is an
+error at the point of use rather than a silent hidden default. `retina_jax.config.validate` checks
+cross-field rules before anything is built.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# The held-out zero-shot task of the synthetic corpus: one primary condition per image, drawn with
+# seeds the training corpus never uses.
+SYNTHETIC_TASK_CLASSES = (
+    "normal",
+    "diabetic retinopathy",
+    "glaucoma",
+    "age-related macular degeneration",
+    "cataract",
+    "pathologic myopia",
+)
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parse a config argument `a=1,b=x,flag` (big_vision style) into a ConfigDict.
+
+    A bare word sets a boolean flag, so `configs/flair.py:demo` turns on `demo`. Values are cast to
+    the type of their default; unknown keys are an error naming them.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        if not _:
+            out[key] = True
+            continue
+        default = defaults[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif default is None:
+            out[key] = value
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "flair"
+    c.seed = 0
+    # Resume order: the workdir's own latest checkpoint > `resume` (another run's checkpoint
+    # directory, full state and data position) > `model_init` (params and batch_stats only) > scratch.
+    c.resume = ""
+    c.model_init = ""
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the `data` axis; -1 = all devices
+
+    # ----------------------------------------------------------------------------------- data
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"
+    c.data.batch_size = 128  # global batch
+    c.data.image_size = 512  # FLAIR: long side to 512, zero-pad bottom/right
+    c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+    c.data.worker_buffer_size = 2
+    c.data.shuffle = True
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.enabled = True
+    c.data.augment.hflip_p = 0.5
+    c.data.augment.affine_p = 0.25
+    c.data.augment.rotate_deg = 5.0
+    c.data.augment.scale_min = 0.9
+    c.data.augment.scale_max = 1.0
+    c.data.augment.jitter_p = 0.25
+    c.data.augment.brightness = 0.2
+    c.data.augment.contrast = 0.2
+    # FLAIR's prompt: "A [ATR] fundus photograph of [CLS]", with the category text swapped for one
+    # of its expert descriptions, uniformly over [name] + descriptions.
+    c.data.prompt_template = "A {atr} fundus photograph of {cls}"
+    c.data.description_swap = True
+    # The embedded synthetic corpus (retina_jax.data.synthetic.CorpusSpec fields).
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.seed = 0
+    c.data.synthetic.size = 50_000
+    c.data.synthetic.image_size = 512  # rendered size; the transform then resizes to data.image_size
+    c.data.synthetic.comorbidity_prob = 0.15
+    c.data.synthetic.attribute_prob = 0.2
+    c.data.synthetic.expert_fraction = 0.3
+    c.data.synthetic.difficulty = 0.0
+
+    # ----------------------------------------------------------------------------------- text
+    c.text = ml_collections.ConfigDict()
+    # A Hugging Face tokenizer directory, or "learn": train a WordPiece vocabulary on the corpus's
+    # prompts, descriptions and reports and save it in the workdir (the demo, with no hub access).
+    c.text.tokenizer = "learn"
+    c.text.vocab_size = 4000  # for "learn"
+    c.text.lowercase = False  # Bio_ClinicalBERT is cased
+    c.text.vocab_corpus_size = 2000  # reports used to learn the vocabulary
+    c.text.max_len = 77  # FLAIR 77, KeepFIT 256
+
+    # ---------------------------------------------------------------------------------- model
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 512
+    c.model.logit_scale_init = 2.659260036932778  # ln(1 / 0.07)
+    c.model.compute_dtype = "float32"
+    c.model.img = ml_collections.ConfigDict()
+    c.model.img.depth = 50
+    c.model.img.width = 64
+    c.model.img.stage_sizes = ()  # () = the depth's own block counts
+    c.model.txt = ml_collections.ConfigDict()
+    c.model.txt.pooling = "flair"  # 'flair' (faithful) | 'cls' | 'masked_mean'
+    c.model.txt.hidden_size = 768
+    c.model.txt.num_hidden_layers = 12
+    c.model.txt.num_attention_heads = 12
+    c.model.txt.intermediate_size = 3072
+    c.model.txt.max_position_embeddings = 512
+    c.model.txt.hidden_dropout_prob = 0.1
+    c.model.txt.attention_probs_dropout_prob = 0.1
+    c.model.txt.add_pooler = True
+
+    # ----------------------------------------------------------------------------------- loss
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "flair"  # 'flair' | 'clip'
+    c.loss.scope = "global"  # 'global' (ours) | 'local' (per-device, as the original)
+
+    # ---------------------------------------------------------------------------------- optim
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.weight_decay = 1e-5
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0  # global norm; 0 disables
+    c.optim.warmup_epochs = 1.0
+    c.optim.schedule_epochs = 100.0  # cosine horizon; FLAIR trains 15 of 100 epochs
+    # Regexes over '/'-joined param paths excluded from weight decay (FLAIR: none).
+    c.optim.wd_exclude = ()
+
+    # ---------------------------------------------------------------------------------- train
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 15.0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500  # steps; a final checkpoint is always written
+    c.train.max_to_keep = 3
+    c.train.async_checkpoint = True
+    c.train.progress = True
+
+    # ----------------------------------------------------------------------------------- eval
+    c.eval = ml_collections.ConfigDict()
+    c.eval.at_end = True
+    c.eval.every_steps = 0  # 0 = only at the end
+    c.eval.batch_size = 64
+    c.eval.zero_shot = ml_collections.ConfigDict()
+    c.eval.zero_shot.name = "synthetic_conditions"
+    c.eval.zero_shot.classes = SYNTHETIC_TASK_CLASSES
+    c.eval.zero_shot.template = "A fundus photograph of {}"
+    c.eval.zero_shot.seed = 10_007  # never used for training (validate checks)
+    c.eval.zero_shot.size = 600
+    c.eval.zero_shot.difficulty = 0.0
+    return c

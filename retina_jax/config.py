@@ -1,0 +1,89 @@
+"""Config loading and the cross-field `validate(config)` run before anything is built.
+
+Config files follow big_vision: `get_config(arg)` with `path.py:arg` on the command line. Every
+default lives in `configs/common.py`; `validate` names each offending field so a wrong config fails
+in a second with a readable message instead of minutes into a run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+TEXT_POOLING = ("flair", "cls", "masked_mean")
+LOSSES = ("flair", "clip")
+LOSS_SCOPES = ("global", "local")
+DTYPES = ("float32", "bfloat16")
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every offending field."""
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Load `path/to/config.py[:arg]` the way `--config` does (for tests, notebooks, evaluate)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("_retina_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def validate(config, num_devices: int) -> None:
+    """Raise ConfigError naming every field that makes the config unrunnable on `num_devices`."""
+    errors: list[str] = []
+
+    def check(ok: bool, field: str, why: str):
+        if not ok:
+            errors.append(f"config.{field}: {why}")
+
+    data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
+    check(config.mesh.data == -1 or 1 <= config.mesh.data <= num_devices, "mesh.data",
+          f"{config.mesh.data} devices requested, {num_devices} available (-1 = all)")
+    check(config.data.batch_size > 0 and data_devices > 0 and config.data.batch_size % max(data_devices, 1) == 0,
+          "data.batch_size", f"global batch {config.data.batch_size} must be a positive multiple of the "
+          f"{data_devices} devices on the data axis")
+    check(config.data.source == "synthetic", "data.source",
+          f"{config.data.source!r} is not a known source (known: 'synthetic')")
+    check(config.data.image_size >= 32, "data.image_size", f"{config.data.image_size} < 32")
+    check(config.data.synthetic.size >= config.data.batch_size, "data.synthetic.size",
+          f"{config.data.synthetic.size} examples cannot fill one global batch of {config.data.batch_size}")
+    check(0.0 <= config.data.synthetic.difficulty <= 1.0, "data.synthetic.difficulty", "must be in [0, 1]")
+    check("{cls}" in config.data.prompt_template and "{atr}" in config.data.prompt_template,
+          "data.prompt_template", "must contain {atr} and {cls}")
+    check(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
+    check(config.text.tokenizer == "learn" or os.path.isdir(config.text.tokenizer), "text.tokenizer",
+          f"{config.text.tokenizer!r} is neither 'learn' nor an existing tokenizer directory")
+    check(2 <= config.text.max_len <= config.model.txt.max_position_embeddings, "text.max_len",
+          f"{config.text.max_len} must be in [2, model.txt.max_position_embeddings="
+          f"{config.model.txt.max_position_embeddings}]")
+    check(config.model.txt.pooling in TEXT_POOLING, "model.txt.pooling",
+          f"{config.model.txt.pooling!r} not in {TEXT_POOLING}")
+    check(config.model.txt.hidden_size % config.model.txt.num_attention_heads == 0, "model.txt.num_attention_heads",
+          f"hidden_size {config.model.txt.hidden_size} is not divisible by {config.model.txt.num_attention_heads} heads")
+    check(config.model.img.depth in RESNET_DEPTHS, "model.img.depth", f"{config.model.img.depth} not in {RESNET_DEPTHS}")
+    check(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"{config.model.compute_dtype!r} not in {DTYPES}")
+    check(config.loss.name in LOSSES, "loss.name", f"{config.loss.name!r} not in {LOSSES}")
+    check(config.loss.scope in LOSS_SCOPES, "loss.scope", f"{config.loss.scope!r} not in {LOSS_SCOPES}")
+    check(config.optim.lr > 0, "optim.lr", "must be > 0")
+    check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+    check(config.optim.schedule_epochs >= config.optim.warmup_epochs, "optim.schedule_epochs",
+          f"cosine horizon {config.optim.schedule_epochs} is shorter than warm-up {config.optim.warmup_epochs}")
+    check(config.train.epochs > 0, "train.epochs", "must be > 0")
+    check(config.train.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
+    check(config.train.log_every > 0, "train.log_every", "must be > 0")
+    check(config.eval.zero_shot.seed != config.data.synthetic.seed, "eval.zero_shot.seed",
+          f"held-out seed equals the training corpus seed {config.data.synthetic.seed}")
+    check(len(config.eval.zero_shot.classes) >= 2, "eval.zero_shot.classes", "needs at least 2 classes")
+    check(config.eval.batch_size > 0 and config.eval.batch_size % max(data_devices, 1) == 0, "eval.batch_size",
+          f"{config.eval.batch_size} must be a positive multiple of the {data_devices} data devices")
+    check(not config.resume or os.path.isdir(config.resume), "resume",
+          f"{config.resume!r} is not a checkpoint directory")
+    check(not config.model_init or os.path.isdir(config.model_init), "model_init",
+          f"{config.model_init!r} is not a checkpoint directory")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,0 +1,1 @@
+"""Data sources, transforms, tokenisation and grain pipelines."""

@@ -1,0 +1,61 @@
+"""Image preprocessing and augmentation of FLAIR (METHODS.md section 1).
+
+FLAIR feeds RGB in [0, 1] with no mean/std normalisation: the long side is resized to the target
+size keeping the aspect ratio, then zero-padded at the bottom/right to a square. Public images are
+augmented with a horizontal flip (p 0.5), a small affine (p 0.25: rotation +-5 degrees, scale
+0.9-1) and colour jitter (p 0.25: brightness and contrast 0.2). FLAIR applies these on the GPU
+with kornia per batch; here they run per example in the grain workers, drawn from the example's
+own generator so a pipeline position always reproduces the same augmentation.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def resize_long_side_and_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]: long side to `size`, zero-pad bottom/right."""
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    out = np.zeros((size, size, 3), np.float32)
+    out[:new_h, :new_w] = image.astype(np.float32) / 255.0
+    return out
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
+    """FLAIR's augmentations on a float32 [S, S, 3] image in [0, 1]; `cfg` is `config.data.augment`."""
+    if rng.random() < cfg.hflip_p:
+        image = image[:, ::-1]
+    if rng.random() < cfg.affine_p:
+        angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)
+        scale = rng.uniform(cfg.scale_min, cfg.scale_max)
+        image = _rotate_scale(image, angle, scale)
+    if rng.random() < cfg.jitter_p:
+        brightness = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+        contrast = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+        image = image * brightness
+        # Contrast around the image mean, as torchvision/kornia adjust_contrast (grey-level mean).
+        mean = image.mean()
+        image = (image - mean) * contrast + mean
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def _rotate_scale(image: np.ndarray, angle_deg: float, scale: float) -> np.ndarray:
+    """Rotate by `angle_deg` and scale by `scale` about the centre, zero fill outside."""
+    size = image.shape[0]
+    theta = np.deg2rad(angle_deg)
+    cos, sin = np.cos(theta) / scale, np.sin(theta) / scale
+    c = (size - 1) / 2.0
+    # PIL's AFFINE maps output (x, y) to input (a x + b y + c0, d x + e y + f0).
+    coeffs = (cos, sin, c - cos * c - sin * c, -sin, cos, c + sin * c - cos * c)
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., k], dtype=np.float32)).transform(
+            (size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=0.0))
+        for k in range(3)
+    ]
+    return np.stack(channels, axis=-1)
