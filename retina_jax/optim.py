@@ -33,11 +33,12 @@ def weight_decay_mask(params, exclude_patterns) -> dict:
         lambda path, _: not any(p.search(param_path(path)) for p in patterns), params)
 
 
-def make_optimizer(optim_config, steps_per_epoch: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim_config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(optim_config, steps_per_epoch)
+    exclude = tuple(optim_config.wd_exclude)
     adamw = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
                         weight_decay=optim_config.weight_decay,
-                        mask=weight_decay_mask(params, optim_config.wd_exclude))
+                        mask=lambda params: weight_decay_mask(params, exclude))
     if optim_config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adamw), schedule
     return adamw, schedule

@@ -149,7 +149,7 @@ class Trainer:
         config = self.config
         mngr = checkpointing.manager(checkpointing.checkpoint_dir(self.workdir), max_to_keep=config.train.max_to_keep,
                                      async_save=config.train.async_checkpoint)
-        data_iter = iter(pipeline.train_dataset(config, self.tokenize))
+        data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize))
         state = self.restore_or_init(mngr, data_iter)
         start = int(jax.device_get(state.step))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)

@@ -5,8 +5,8 @@ cased WordPiece, Chinese RoBERTa's vocabulary). With no hub access, the demo lea
 vocabulary from the corpus with `tokenizers` and saves it in the run directory, so the run's
 checkpoints and its vocabulary always travel together.
 
-`BertTokenizerFast(vocab_file=...)` silently maps every word to [UNK] in transformers 5, so
-tokenizers are always loaded with `from_pretrained(dir)`, which reads `tokenizer.json`.
+A tokenizer directory is read from its `tokenizer.json` (or `vocab.txt`); transformers 5's
+`BertTokenizerFast(vocab_file=...)` would silently map every word to [UNK].
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def learn_wordpiece(texts: Iterable[str], out_dir: str, *, vocab_size: int, lowe
     tok = BertWordPieceTokenizer(lowercase=lowercase)
     tok.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
                             special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    # A vocabulary trained from scratch has no [CLS] ... [SEP] template until it is set explicitly;
+    # BERT (and FLAIR's CLS pooling) expect it.
+    from tokenizers.processors import BertProcessing
+    tok.post_processor = BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
     tmp = out_dir + ".tmp"
     os.makedirs(tmp, exist_ok=True)
     tok.save_model(tmp)
@@ -39,12 +43,32 @@ def learn_wordpiece(texts: Iterable[str], out_dir: str, *, vocab_size: int, lowe
     return out_dir
 
 
-def load_tokenizer(path: str):
-    from transformers import BertTokenizerFast
+def load_tokenizer(path: str, max_len: int):
+    """A `tokenizers.Tokenizer` padding/truncating to `max_len`, from a HF tokenizer directory.
 
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(os.path.join(path, "vocab.txt")):
+    Reads `tokenizer.json` when present (it carries the normaliser and the [CLS]/[SEP] template),
+    else builds BERT WordPiece from `vocab.txt` with `do_lower_case` from `tokenizer_config.json`.
+    The `tokenizers` library is used directly (not transformers' wrappers): it is what those
+    wrappers run, and it imports cleanly inside grain's worker processes.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    tokenizer_json, vocab = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.txt")
+    if os.path.isfile(tokenizer_json):
+        tok = Tokenizer.from_file(tokenizer_json)
+    elif os.path.isfile(vocab):
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        cfg = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+        tok = BertWordPieceTokenizer(vocab, lowercase=cfg.get("do_lower_case", True))._tokenizer
+    else:
         raise FileNotFoundError(f"no tokenizer.json or vocab.txt in tokenizer directory {path}")
-    return BertTokenizerFast.from_pretrained(path)
+    pad_id = tok.token_to_id("[PAD]")
+    if pad_id is None:
+        raise ValueError(f"tokenizer in {path} has no [PAD] token")
+    tok.enable_truncation(max_length=max_len)
+    tok.enable_padding(length=max_len, pad_id=pad_id, pad_token="[PAD]")
+    return tok
 
 
 class Tokenize:
@@ -61,17 +85,18 @@ class Tokenize:
     @property
     def tokenizer(self):
         if self._tok is None:
-            self._tok = load_tokenizer(self.path)
+            self._tok = load_tokenizer(self.path, self.max_len)
         return self._tok
 
     @property
     def vocab_size(self) -> int:
-        return len(self.tokenizer)
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def __getstate__(self):
         return {"path": self.path, "max_len": self.max_len, "_tok": None}
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_len,
-                             return_tensors="np")
-        return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = np.asarray([e.ids for e in encodings], np.int32)  # [B, max_len]
+        mask = np.asarray([e.attention_mask for e in encodings], np.int32)
+        return ids, mask

@@ -1,0 +1,240 @@
+"""The trainer end to end: smoke run with zero-shot eval, kill -9 and resume, SIGTERM, other meshes,
+resume order (model_init), the evaluate CLI, and config validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from retina_jax import checkpointing, config as config_lib
+from retina_jax.config import ConfigError, validate
+from retina_jax.metrics import read as read_metrics
+from retina_jax.train import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "flair.py") + ":demo"
+
+# A few-second variant of the demo: 32 px images, batch 16, 2-step checkpoints.
+TINY = {
+    "data.batch_size": 16,
+    "data.image_size": 32,
+    "data.synthetic.image_size": 32,
+    "data.synthetic.size": 64,  # 4 steps per epoch
+    "data.worker_count": 0,
+    "text.vocab_size": 600,
+    "text.vocab_corpus_size": 50,
+    "text.max_len": 24,
+    "train.epochs": 3.0,  # 12 steps
+    "optim.schedule_epochs": 3.0,
+    "train.log_every": 1,
+    "train.checkpoint_every": 2,
+    "train.progress": False,
+    "eval.batch_size": 32,
+    "eval.zero_shot.size": 48,
+}
+
+
+def tiny_config(**extra):
+    c = config_lib.load(DEMO)
+    for key, value in {**TINY, **extra}.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def cli_flags(**extra):
+    return [f"--config.{k}={v}" for k, v in {**TINY, **extra}.items()]
+
+
+def subprocess_env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def assert_trees_equal(a, b):
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    trainer = Trainer(tiny_config(), workdir)
+    result = trainer.train()
+    return trainer, result, workdir
+
+
+def test_end_to_end_demo_smoke(uninterrupted):
+    trainer, result, workdir = uninterrupted
+    assert trainer.total_steps == 12
+    rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    for key in ("train/loss", "train/lr", "perf/examples_per_sec", "train/grad_norm", "train/logit_scale"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    # warm-up: the learning rate rises over the first epoch (4 steps)
+    lrs = [r["train/lr"] for r in train_rows]
+    assert lrs[0] == 0.0 and lrs[3] > lrs[1] > 0
+    # the zero-shot evaluation ran on the held-out task and reported every metric
+    for key in ("aca", "kappa", "f1", "auc"):
+        assert key in result and np.isfinite(result[key])
+    assert result["num_examples"] == 48 and result["num_classes"] == 6
+    report = json.load(open(os.path.join(workdir, "eval_synthetic_conditions.json")))
+    assert report["aca"] == result["aca"]
+    assert os.path.isfile(os.path.join(workdir, "tokenizer", "tokenizer.json"))
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    assert mngr.latest_step() == 12
+    mngr.close()
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"training process exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        if os.path.exists(path):
+            steps = [r["step"] for r in read_metrics(path) if "train/loss" in r]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def _start_main(workdir, **extra):
+    cmd = [sys.executable, "-m", "retina_jax.main", f"--config={DEMO}", f"--workdir={workdir}", *cli_flags(**extra)]
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_killed_run_resumes_to_the_same_parameters_and_data_position(uninterrupted, tmp_path):
+    reference, _, _ = uninterrupted
+    workdir = str(tmp_path / "killed")
+    # Killed (SIGKILL: no handler runs) as soon as step 3 is logged, i.e. after the step-2 checkpoint.
+    proc = _start_main(workdir, **{"eval.at_end": False})
+    _wait_for_step(workdir, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    killed_at = mngr.latest_step()
+    mngr.close()
+    assert killed_at is not None and 2 <= killed_at < 12, killed_at
+
+    resumed = Trainer(tiny_config(**{"eval.at_end": False}), workdir)
+    resumed.train()
+    info = json.load(open(os.path.join(workdir, "run_info.json")))
+    assert info["start_step"] == killed_at  # it really resumed mid-run
+    assert_trees_equal(resumed.state.params, reference.state.params)
+    assert_trees_equal(resumed.state.batch_stats, reference.state.batch_stats)
+    assert_trees_equal(resumed.state.opt_state, reference.state.opt_state)
+    assert resumed.data_iter.get_state() == reference.data_iter.get_state()
+    # ...and the losses logged after the resume equal the uninterrupted run's.
+    ref_rows = {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(reference.workdir, "metrics.jsonl"))
+                if "train/loss" in r}
+    for r in read_metrics(os.path.join(workdir, "metrics.jsonl")):
+        if "train/loss" in r and r["step"] > killed_at:
+            assert r["train/loss"] == ref_rows[r["step"]]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path / "sigterm")
+    proc = _start_main(workdir, **{"train.checkpoint_every": 1000, "train.epochs": 50.0,
+                                   "optim.schedule_epochs": 50.0})
+    _wait_for_step(workdir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in err
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    step = mngr.latest_step()
+    mngr.close()
+    logged = max(r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r)
+    assert step is not None and 2 <= step < 200 and step >= logged
+
+
+@pytest.mark.parametrize("devices_on_data_axis", [2, 1])
+def test_checkpoint_restores_onto_a_different_mesh(uninterrupted, devices_on_data_axis):
+    reference, _, workdir = uninterrupted
+    other = Trainer(tiny_config(**{"mesh.data": devices_on_data_axis}), workdir)
+    state = other.restore_latest()
+    assert int(state.step) == 12
+    assert_trees_equal(state.params, reference.state.params)
+    leaf = jax.tree.leaves(state.params)[0]
+    assert len(leaf.sharding.device_set) == devices_on_data_axis
+    # and the restored state keeps training on the new mesh
+    batch_devices = len(other.batch_sharding.device_set)
+    assert batch_devices == devices_on_data_axis
+
+
+def test_model_init_loads_params_but_not_the_optimizer(uninterrupted, tmp_path):
+    reference, _, workdir = uninterrupted
+    trainer = Trainer(tiny_config(model_init=checkpointing.checkpoint_dir(workdir)), str(tmp_path / "init"))
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(trainer.workdir))
+    state = trainer.restore_or_init(mngr, None)
+    mngr.close()
+    assert int(state.step) == 0
+    assert_trees_equal(state.params, reference.state.params)
+    assert_trees_equal(state.batch_stats, reference.state.batch_stats)
+    fresh = trainer.init_state()
+    assert_trees_equal(state.opt_state, fresh.opt_state)
+
+
+def test_resume_config_continues_another_run(uninterrupted, tmp_path):
+    reference, _, workdir = uninterrupted
+    trainer = Trainer(tiny_config(resume=checkpointing.checkpoint_dir(workdir)), str(tmp_path / "resume"))
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(trainer.workdir))
+    state = trainer.restore_or_init(mngr, None)
+    mngr.close()
+    assert int(state.step) == 12
+    assert_trees_equal(state.opt_state, reference.state.opt_state)
+
+
+def test_evaluate_cli_reports_the_same_zero_shot_figures(uninterrupted):
+    _, result, workdir = uninterrupted
+    cmd = [sys.executable, "-m", "retina_jax.evaluate", f"--config={DEMO}", f"--workdir={workdir}", *cli_flags()]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = json.loads(out.stdout[out.stdout.index("{"):])
+    for key in ("aca", "kappa", "f1", "auc"):
+        assert printed[key] == pytest.approx(result[key], abs=1e-6)
+
+
+def test_validate_names_the_offending_fields():
+    c = tiny_config()
+    c.data.batch_size = 12  # not a multiple of 8 devices
+    c.model.txt.pooling = "max"
+    c.eval.zero_shot.seed = c.data.synthetic.seed
+    with pytest.raises(ConfigError) as err:
+        validate(c, 8)
+    msg = str(err.value)
+    assert "config.data.batch_size" in msg and "config.model.txt.pooling" in msg and "config.eval.zero_shot.seed" in msg
+    validate(tiny_config(), 8)
+
+
+def test_unknown_config_argument_is_an_error():
+    with pytest.raises(ValueError, match="unknown config argument"):
+        config_lib.load(os.path.join(REPO, "configs", "flair.py") + ":dmeo")
+
+
+def test_paper_config_has_flair_settings():
+    c = config_lib.load(os.path.join(REPO, "configs", "flair.py"))
+    assert (c.model.img.depth, c.data.image_size, c.data.batch_size) == (50, 512, 128)
+    assert (c.optim.lr, c.optim.weight_decay, c.train.epochs, c.optim.schedule_epochs) == (1e-4, 1e-5, 15.0, 100.0)
+    assert (c.model.txt.hidden_size, c.model.txt.num_hidden_layers, c.model.txt.pooling) == (768, 12, "flair")
+    validate(c, 8)
