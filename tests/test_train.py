@@ -19,7 +19,7 @@ from retina_jax.train import Trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "flair.py") + ":demo"
 
-# A few-second variant of the demo: 32 px images, batch 16, 2-step checkpoints.
+# A few-second variant of the demo: 32 px images, batch 16, 12 steps, checkpoints every 4.
 TINY = {
     "data.batch_size": 16,
     "data.image_size": 32,
@@ -32,7 +32,7 @@ TINY = {
     "train.epochs": 3.0,  # 12 steps
     "optim.schedule_epochs": 3.0,
     "train.log_every": 1,
-    "train.checkpoint_every": 2,
+    "train.checkpoint_every": 4,
     "train.progress": False,
     "eval.batch_size": 32,
     "eval.zero_shot.size": 48,
@@ -126,15 +126,16 @@ def _start_main(workdir, **extra):
 def test_killed_run_resumes_to_the_same_parameters_and_data_position(uninterrupted, tmp_path):
     reference, _, _ = uninterrupted
     workdir = str(tmp_path / "killed")
-    # Killed (SIGKILL: no handler runs) as soon as step 3 is logged, i.e. after the step-2 checkpoint.
-    proc = _start_main(workdir, **{"eval.at_end": False})
-    _wait_for_step(workdir, 3, proc)
+    # Killed with SIGKILL (no handler runs) right after the step-4 checkpoint.
+    # Synchronous saves (same numbers, only slower) make "step 5 logged" imply "step 4 saved".
+    proc = _start_main(workdir, **{"eval.at_end": False, "train.async_checkpoint": False})
+    _wait_for_step(workdir, 5, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
     killed_at = mngr.latest_step()
     mngr.close()
-    assert killed_at is not None and 2 <= killed_at < 12, killed_at
+    assert killed_at is not None and 4 <= killed_at < 12, killed_at
 
     resumed = Trainer(tiny_config(**{"eval.at_end": False}), workdir)
     resumed.train()

@@ -10,6 +10,7 @@ A tokenizer directory is read from its `tokenizer.json` (or `vocab.txt`); transf
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Iterable
@@ -21,19 +22,40 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def learn_wordpiece(texts: Iterable[str], out_dir: str, *, vocab_size: int, lowercase: bool,
                     max_len: int) -> str:
-    """Train a BERT WordPiece vocabulary on `texts` and save a loadable tokenizer directory."""
-    from tokenizers import BertWordPieceTokenizer
+    """Learn a BERT WordPiece vocabulary from `texts` and save a loadable tokenizer directory.
 
-    tok = BertWordPieceTokenizer(lowercase=lowercase)
-    tok.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    # A vocabulary trained from scratch has no [CLS] ... [SEP] template until it is set explicitly;
-    # BERT (and FLAIR's CLS pooling) expect it.
-    from tokenizers.processors import BertProcessing
-    tok.post_processor = BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
+    The vocabulary is every character (word-initial and `##` continuation, so any word of the
+    corpus tokenises without [UNK]) plus the most frequent whole words, ties broken
+    alphabetically. `tokenizers`' own WordPiece trainer breaks ties in hash-map order, which
+    differs between processes, so two runs of the same config would learn different vocabularies;
+    a run must be reproducible from its config. Normalisation, pre-tokenisation, the WordPiece model
+    and the [CLS]/[SEP] template are `tokenizers`' BERT components.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"config.text.vocab_size={vocab_size} is smaller than the {len(vocab)} special and "
+                         f"character tokens the corpus needs")
+    known = set(vocab)
+    for word in sorted(counts, key=lambda w: (-counts[w], w)):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in known:
+            vocab.append(word)
+            known.add(word)
+    tok = BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=lowercase)
     tmp = out_dir + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    tok.save_model(tmp)
+    with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
     tok.save(os.path.join(tmp, "tokenizer.json"))
     with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "BertTokenizerFast", "do_lower_case": lowercase,
