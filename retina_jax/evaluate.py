@@ -19,7 +19,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from retina_jax.metrics import quiet_library_logs
     from retina_jax.train import Trainer
+
+    quiet_library_logs()
 
     trainer = Trainer(_CONFIG.value, _WORKDIR.value)
     state = trainer.restore_latest()

@@ -7,6 +7,7 @@ this small writer stands in for it.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import math
 import os
 import time
@@ -62,3 +63,16 @@ class Throughput:
         rate = self._n / max(now - self._t, 1e-9)
         self._t, self._n = now, 0
         return rate
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drop INFO lines of installed libraries (orbax logs every array it writes) but keep ours."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "site-packages" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -11,7 +11,6 @@ so a checkpoint written on one mesh restores onto another.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -104,18 +103,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- step
     def _loss(self, out, batch, logit_scale):
-        rows = sharding.rows_sharding(self.mesh)
         if self.config.loss.name == "flair":
-            fn = functools.partial(losses.flair_loss, row_sharding=rows)
-            args = (out["zimg"], out["ztxt"], batch["category_id"])
+            fn, args = losses.flair_loss, (out["zimg"], out["ztxt"], batch["category_id"])
         else:
-            fn = functools.partial(losses.clip_loss, row_sharding=rows)
-            args = (out["zimg"], out["ztxt"])
+            fn, args = losses.clip_loss, (out["zimg"], out["ztxt"])
         if self.config.loss.scope == "local":
-            # Per-device loss as in the original code; no sharding constraint inside the vmap.
-            base = losses.flair_loss if self.config.loss.name == "flair" else losses.clip_loss
-            return losses.grouped(base, self.num_data_shards)(*args, logit_scale=logit_scale)
-        return fn(*args, logit_scale)
+            # Per-device negatives, as the original computes it.
+            return losses.grouped(fn, self.num_data_shards)(*args, logit_scale=logit_scale)
+        return fn(*args, logit_scale, row_sharding=sharding.rows_sharding(self.mesh))
 
     def _train_step(self, state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

@@ -239,3 +239,22 @@ def test_paper_config_has_flair_settings():
     assert (c.optim.lr, c.optim.weight_decay, c.train.epochs, c.optim.schedule_epochs) == (1e-4, 1e-5, 15.0, 100.0)
     assert (c.model.txt.hidden_size, c.model.txt.num_hidden_layers, c.model.txt.pooling) == (768, 12, "flair")
     validate(c, 8)
+
+
+def test_train_step_clamps_the_stored_logit_scale_like_flair(uninterrupted):
+    """FLAIR clamps `logit_scale.data` to [0, ln 100] before each forward, so AdamW steps from the
+    clamped value: a stored 5.0 ends the step next to ln 100, not next to 5.0."""
+    trainer, _, _ = uninterrupted
+    import jax.numpy as jnp
+    from retina_jax.data import pipeline
+
+    state = jax.tree.map(jnp.copy, trainer.state)  # the step donates its input
+    params = dict(state.params)
+    params["logit_scale"] = jax.device_put(jnp.float32(5.0), params["logit_scale"].sharding)
+    state = state.replace(params=params)
+    batch = pipeline.make_global(next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize))),
+                                 trainer.batch_sharding)
+    new_state, metrics = trainer.train_step(state, batch)
+    new = float(new_state.params["logit_scale"])
+    assert abs(new - np.log(100.0)) < 0.01, new
+    assert float(metrics["train/logit_scale"]) == pytest.approx(100.0, rel=1e-5)
