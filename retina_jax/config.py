@@ -33,6 +33,19 @@ def load(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def override(config, fields: dict) -> ml_collections.ConfigDict:
+    """Set dotted fields in place (`{'train.epochs': 2.0}`), as `--config.train.epochs=2` does."""
+    for key, value in fields.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config has no field {key!r}")
+        node[leaf] = value
+    return config
+
+
 def validate(config, num_devices: int) -> None:
     """Raise ConfigError naming every field that makes the config unrunnable on `num_devices`."""
     errors: list[str] = []

@@ -19,19 +19,9 @@ SAMPLES = os.path.join(os.path.dirname(REPO), "shared", "data", "fundus_samples"
 
 def demo_config(**overrides):
     c = config_lib.load(os.path.join(REPO, "configs", "flair.py") + ":demo")
-    c.data.synthetic.size = 64
-    c.data.synthetic.image_size = 48
-    c.data.image_size = 48
-    c.data.batch_size = 8
-    c.data.worker_count = 0
-    c.text.vocab_corpus_size = 40
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    small = {"data.synthetic.size": 64, "data.synthetic.image_size": 48, "data.image_size": 48,
+             "data.batch_size": 8, "data.worker_count": 0, "text.vocab_corpus_size": 40}
+    return config_lib.override(c, {**small, **overrides})
 
 
 def test_resize_long_side_and_zero_pad_bottom_right():

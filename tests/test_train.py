@@ -40,14 +40,7 @@ TINY = {
 
 
 def tiny_config(**extra):
-    c = config_lib.load(DEMO)
-    for key, value in {**TINY, **extra}.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.override(config_lib.load(DEMO), {**TINY, **extra})
 
 
 def cli_flags(**extra):
@@ -226,6 +219,11 @@ def test_validate_names_the_offending_fields():
     msg = str(err.value)
     assert "config.data.batch_size" in msg and "config.model.txt.pooling" in msg and "config.eval.zero_shot.seed" in msg
     validate(tiny_config(), 8)
+
+
+def test_override_of_a_missing_field_is_an_error():
+    with pytest.raises(KeyError, match="train.epoch"):
+        config_lib.override(tiny_config(), {"train.epoch": 1.0})
 
 
 def test_unknown_config_argument_is_an_error():
