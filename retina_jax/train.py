@@ -61,6 +61,10 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_sharding)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+        # Compiled once, on first use; evaluation may run every `eval.every_steps`.
+        self.encode_text = jax.jit(lambda v, ids, mask: self.model.apply(v, ids, mask, method="encode_text"))
+        self.encode_image = jax.jit(lambda v, img: self.model.apply(v, img, method="encode_image"),
+                                    out_shardings=self.batch_sharding)
         self.writer = MetricWriter(self.workdir)
         self._stop_signal = None
 
@@ -151,6 +155,14 @@ class Trainer:
         self._write_run_info(start)
         progress = _progress(config.train.progress, start, self.total_steps)
         throughput = Throughput()
+        last_saved = mngr.latest_step()
+
+        def save(done: int, force: bool = False):
+            nonlocal last_saved
+            if last_saved != done:  # e.g. SIGTERM right after a periodic save of the same step
+                checkpointing.save(mngr, done, state, data_iter, force=force)
+                last_saved = done
+
         try:
             for step in range(start, self.total_steps):
                 batch = pipeline.make_global(next(data_iter), self.batch_sharding)
@@ -169,16 +181,16 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                 if done % config.train.checkpoint_every == 0 and done != self.total_steps:
-                    checkpointing.save(mngr, done, state, data_iter)
+                    save(done)
                 if self._stop_signal is not None:
-                    checkpointing.save(mngr, done, state, data_iter, force=True)
+                    save(done, force=True)
                     mngr.wait_until_finished()
+                    self.state = state
                     logging.warning("stopped by signal %d at step %d; checkpoint saved", self._stop_signal, done)
                     return {}
                 if config.eval.every_steps and done % config.eval.every_steps == 0 and done != self.total_steps:
                     self.evaluate(state, step=done)
-            if mngr.latest_step() != self.total_steps:
-                checkpointing.save(mngr, self.total_steps, state, data_iter, force=True)
+            save(self.total_steps, force=True)
             mngr.wait_until_finished()
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -213,14 +225,11 @@ class Trainer:
         z = self.config.eval.zero_shot
         t0 = time.time()
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        encode_text = jax.jit(lambda v, ids, mask: self.model.apply(v, ids, mask, method="encode_text"))
-        encode_image = jax.jit(lambda v, img: self.model.apply(v, img, method="encode_image"),
-                               out_shardings=self.batch_sharding)
-        protos = zeroshot.class_prototypes(lambda ids, mask: encode_text(variables, ids, mask), self.tokenize,
+        protos = zeroshot.class_prototypes(lambda ids, mask: self.encode_text(variables, ids, mask), self.tokenize,
                                            list(z.classes), z.template)
         embeddings, labels = [], []
         for images, y, valid in pipeline.heldout_batches(self.config, self.config.eval.batch_size):
-            zimg = encode_image(variables, jax.make_array_from_process_local_data(self.batch_sharding, images))
+            zimg = self.encode_image(variables, jax.make_array_from_process_local_data(self.batch_sharding, images))
             zimg, y, valid = (multihost_utils.process_allgather(a, tiled=True) if jax.process_count() > 1
                               else np.asarray(a) for a in (zimg, y, valid))
             embeddings.append(np.asarray(zimg)[valid])
