@@ -176,12 +176,18 @@ def test_checkpoint_restores_onto_a_different_mesh(uninterrupted, devices_on_dat
     assert batch_devices == devices_on_data_axis
 
 
-def test_model_init_loads_params_but_not_the_optimizer(uninterrupted, tmp_path):
-    reference, _, workdir = uninterrupted
-    trainer = Trainer(tiny_config(model_init=checkpointing.checkpoint_dir(workdir)), str(tmp_path / "init"))
+def _start_state(config, workdir):
+    """The state a run in a fresh `workdir` starts from (its resume order applied)."""
+    trainer = Trainer(config, workdir)
     mngr = checkpointing.manager(checkpointing.checkpoint_dir(trainer.workdir))
     state = trainer.restore_or_init(mngr, None)
     mngr.close()
+    return trainer, state
+
+
+def test_model_init_loads_params_but_not_the_optimizer(uninterrupted, tmp_path):
+    reference, _, workdir = uninterrupted
+    trainer, state = _start_state(tiny_config(model_init=checkpointing.checkpoint_dir(workdir)), str(tmp_path / "init"))
     assert int(state.step) == 0
     assert_trees_equal(state.params, reference.state.params)
     assert_trees_equal(state.batch_stats, reference.state.batch_stats)
@@ -191,10 +197,7 @@ def test_model_init_loads_params_but_not_the_optimizer(uninterrupted, tmp_path):
 
 def test_resume_config_continues_another_run(uninterrupted, tmp_path):
     reference, _, workdir = uninterrupted
-    trainer = Trainer(tiny_config(resume=checkpointing.checkpoint_dir(workdir)), str(tmp_path / "resume"))
-    mngr = checkpointing.manager(checkpointing.checkpoint_dir(trainer.workdir))
-    state = trainer.restore_or_init(mngr, None)
-    mngr.close()
+    _, state = _start_state(tiny_config(resume=checkpointing.checkpoint_dir(workdir)), str(tmp_path / "resume"))
     assert int(state.step) == 12
     assert_trees_equal(state.opt_state, reference.state.opt_state)
 

@@ -155,7 +155,7 @@ def make_global(batch: dict, sharding) -> dict:
 
 
 def heldout_batches(config, batch_size: int):
-    """Yield (images [b, S, S, 3] float32, labels [b]) of the held-out task for this process.
+    """Yield (images [b, S, S, 3] float32, labels [b], valid [b]) of the held-out task for this process.
 
     Every process yields the same number of batches; the last one is zero-padded to `batch_size`
     and `valid` marks the real rows.
