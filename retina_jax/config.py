@@ -16,6 +16,10 @@ LOSSES = ("flair", "clip")
 LOSS_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
+IMAGE_TOWERS = ("resnet", "clip_resnet", "vit")
+PROJECTIONS = ("flair", "linear", "none")
+PREPROCESS = ("flair", "clip")
+KNOWLEDGE_SOFTMAX_AXES = ("heads", "keys")
 
 
 class ConfigError(ValueError):
@@ -78,7 +82,25 @@ def validate(config, num_devices: int) -> None:
           f"{config.model.txt.pooling!r} not in {TEXT_POOLING}")
     check(config.model.txt.hidden_size % config.model.txt.num_attention_heads == 0, "model.txt.num_attention_heads",
           f"hidden_size {config.model.txt.hidden_size} is not divisible by {config.model.txt.num_attention_heads} heads")
-    check(config.model.img.depth in RESNET_DEPTHS, "model.img.depth", f"{config.model.img.depth} not in {RESNET_DEPTHS}")
+    img = config.model.img
+    check(img.name in IMAGE_TOWERS, "model.img.name", f"{img.name!r} not in {IMAGE_TOWERS}")
+    check(img.name != "resnet" or img.depth in RESNET_DEPTHS, "model.img.depth", f"{img.depth} not in {RESNET_DEPTHS}")
+    check(img.name != "vit" or config.data.image_size % img.vit.patch_size == 0, "data.image_size",
+          f"{config.data.image_size} is not a multiple of model.img.vit.patch_size={img.vit.patch_size}")
+    check(img.name != "vit" or img.vit.width % img.vit.heads == 0, "model.img.vit.heads",
+          f"width {img.vit.width} is not divisible by {img.vit.heads} heads")
+    check(img.name != "clip_resnet" or config.data.image_size % 32 == 0, "data.image_size",
+          f"{config.data.image_size} is not a multiple of 32 (CLIP ModifiedResNet's attention-pool grid)")
+    for field in ("img_projection", "txt_projection"):
+        check(config.model[field] in PROJECTIONS, f"model.{field}", f"{config.model[field]!r} not in {PROJECTIONS}")
+    check(config.model.txt_projection != "none" or config.model.txt.hidden_size == config.model.embed_dim,
+          "model.txt_projection", f"'none' needs model.txt.hidden_size == model.embed_dim={config.model.embed_dim}")
+    check(config.model.img_projection != "none" or img.name == "clip_resnet"
+          and img.clip_resnet.output_dim == config.model.embed_dim, "model.img_projection",
+          "'none' needs the clip_resnet tower with clip_resnet.output_dim == model.embed_dim")
+    check(config.model.knowledge.softmax_axis in KNOWLEDGE_SOFTMAX_AXES, "model.knowledge.softmax_axis",
+          f"{config.model.knowledge.softmax_axis!r} not in {KNOWLEDGE_SOFTMAX_AXES}")
+    check(config.data.preprocess in PREPROCESS, "data.preprocess", f"{config.data.preprocess!r} not in {PREPROCESS}")
     check(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"{config.model.compute_dtype!r} not in {DTYPES}")
     check(config.loss.name in LOSSES, "loss.name", f"{config.loss.name!r} not in {LOSSES}")
     check(config.loss.scope in LOSS_SCOPES, "loss.scope", f"{config.loss.scope!r} not in {LOSS_SCOPES}")
@@ -98,5 +120,62 @@ def validate(config, num_devices: int) -> None:
           f"{config.resume!r} is not a checkpoint directory")
     check(not config.model_init or os.path.isdir(config.model_init), "model_init",
           f"{config.model_init!r} is not a checkpoint directory")
+    if config.model_init and os.path.isdir(config.model_init):
+        errors += manifest_mismatches(config, config.model_init)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def flatten(config) -> dict:
+    """{'model.img.name': 'vit', ...}: every leaf of a ConfigDict (or dict) by its dotted name."""
+    out = {}
+    for key, value in (config.items() if hasattr(config, "items") else ()):
+        if hasattr(value, "items"):
+            out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-9 * max(1, abs(b))
+    return a == b
+
+
+def converted_overrides(path: str, suggested: bool = True) -> dict:
+    """Dotted config values of a converted checkpoint (its manifest's config, and by default the
+    original's suggested preprocessing), typed for `override` (lists -> tuples)."""
+    from retina_jax import checkpointing
+    manifest = checkpointing.read_manifest(path)
+    if manifest is None:
+        raise FileNotFoundError(f"{path}: no manifest.json (not a python -m retina_jax.convert output)")
+    values = {**(manifest["suggested"] if suggested else {}), **manifest["config"]}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def manifest_mismatches(config, path: str) -> list[str]:
+    """Fields of `config` that differ from what a converted checkpoint at `path` requires.
+
+    A converted checkpoint's manifest lists the architecture values (and the tokenizer) its trees
+    were built for; each difference is named with the flag that fixes it, instead of a shape error later.
+    """
+    from retina_jax import checkpointing  # orbax import kept out of plain config loading
+    manifest = checkpointing.read_manifest(path)
+    if manifest is None:
+        return []
+    have = flatten(config)
+    errors = []
+    # manifest["config"] holds only what the trees' shapes and meaning depend on (architecture,
+    # tokenizer); preprocessing, pooling and lengths are in manifest["suggested"], free to change.
+    for key, want in sorted(manifest["config"].items()):
+        if key not in have:
+            errors.append(f"config.{key}: required by {path}/manifest.json but not a config field")
+        elif key == "text.tokenizer" and have[key] != "learn" and os.path.realpath(have[key]) == os.path.realpath(want):
+            continue
+        elif not _same(have[key], want):
+            errors.append(f"config.{key}: {have[key]!r}, but the checkpoint in model_init needs {want!r} "
+                          f"(--config.{key}={want})")
+    return errors

@@ -47,7 +47,7 @@ class Trainer:
         self.replicated = sharding.replicated(self.mesh)
 
         self.tokenize = Tokenize(pipeline.prepare_tokenizer(config, self.workdir), config.text.max_len)
-        self.model = build_model(config.model, self.tokenize.vocab_size)
+        self.model = build_model(config.model, self.tokenize.vocab_size, config.data.image_size)
 
         self.global_batch = config.data.batch_size
         self.steps_per_epoch = config.data.synthetic.size // self.global_batch
@@ -78,7 +78,8 @@ class Trainer:
         params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
         variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, *self._dummy_inputs(), train=False)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+        # A ViT tower has no BatchNorm: batch_stats is then an empty tree.
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
                           opt_state=self.tx.init(params), rng=jax.random.key_data(state_rng))
 
     def init_state(self) -> TrainState:
@@ -98,11 +99,9 @@ class Trainer:
             return state
         state = self.init_state()
         if self.config.model_init:
-            logging.info("initialising params and batch_stats from config.model_init=%s", self.config.model_init)
-            loaded = checkpointing.restore_variables(self.config.model_init, self.replicated)
-            _check_same_structure(state.params, loaded["params"], "params", self.config.model_init)
-            _check_same_structure(state.batch_stats, loaded["batch_stats"], "batch_stats", self.config.model_init)
-            state = state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"])
+            params, batch_stats = checkpointing.init_from(self.config.model_init, state.params, state.batch_stats,
+                                                          self.replicated)
+            state = state.replace(params=params, batch_stats=batch_stats)
         return state
 
     # ------------------------------------------------------------------------------- step
@@ -127,7 +126,7 @@ class Trainer:
             out, updates = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
                 batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-            return self._loss(out, batch, params["logit_scale"]), updates["batch_stats"]
+            return self._loss(out, batch, params["logit_scale"]), updates.get("batch_stats", {})
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
@@ -256,13 +255,3 @@ def _progress(enabled: bool, start: int, total: int):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _check_same_structure(expected, loaded, what: str, source: str):
-    want = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(expected)}
-    got = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(loaded)}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    if missing or extra or wrong:
-        raise ValueError(f"{source}: {what} do not match the model: missing {missing[:10]}, unexpected {extra[:10]}, "
-                         f"wrong shapes {[(k, got[k], want[k]) for k in wrong[:10]]}")

@@ -64,7 +64,7 @@ def test_prompt_template_collapses_the_empty_attribute():
 
 def test_flair_transform_samples_category_and_keeps_the_original_id():
     vocab = knowledge.category_vocabulary()
-    t = pipeline.FlairTransform(32, None, "A {atr} fundus photograph of {cls}", description_swap=True)
+    t = pipeline.FlairTransform(32, "flair", None, "A {atr} fundus photograph of {cls}", description_swap=True)
     example = {"index": 0, "image": np.zeros((32, 32, 3), np.uint8), "categories": ["glaucoma"], "atributes": ["noisy"]}
     texts = set()
     for seed in range(60):
@@ -74,12 +74,12 @@ def test_flair_transform_samples_category_and_keeps_the_original_id():
         texts.add(out["prompt"][len("A noisy fundus photograph of "):])
     # uniform over [name] + descriptions: every option shows up
     assert texts == {"glaucoma", *knowledge.CATEGORY_DESCRIPTIONS["glaucoma"]}
-    no_swap = pipeline.FlairTransform(32, None, "A {atr} fundus photograph of {cls}", description_swap=False)
+    no_swap = pipeline.FlairTransform(32, "flair", None, "A {atr} fundus photograph of {cls}", description_swap=False)
     assert no_swap(example, np.random.default_rng(0))["prompt"] == "A noisy fundus photograph of glaucoma"
 
 
 def test_unknown_category_is_an_error_naming_the_example():
-    t = pipeline.FlairTransform(32, None, "A {atr} fundus photograph of {cls}", description_swap=True)
+    t = pipeline.FlairTransform(32, "flair", None, "A {atr} fundus photograph of {cls}", description_swap=True)
     example = {"index": 17, "image": np.zeros((32, 32, 3), np.uint8), "categories": ["unicorn"], "atributes": []}
     with pytest.raises(ValueError, match="example 17: unknown category 'unicorn'"):
         t(example, np.random.default_rng(0))

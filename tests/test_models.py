@@ -1,8 +1,8 @@
 """Tests for the ResNet and BERT towers, text pooling and the strict NumPy importers.
 
 Full-size models are only traced (`jax.eval_shape`); parity runs tiny random models against the
-PyTorch originals (HF `transformers.BertModel`, and a torchvision-layout ResNet written below
-because torchvision is not installable here).
+PyTorch originals (HF `transformers.BertModel`, and the torchvision-layout ResNet in
+torch_references.py because torchvision is not installable here).
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from retina_jax.models import resnet as resnet_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+# after the skips: torch_references imports torch
+from torch_references import TorchBasicBlock, TorchBottleneck, random_torch_resnet  # noqa: E402
 
 
 def _num_params(tree) -> int:
@@ -183,99 +186,13 @@ def test_bert_import_prefix_and_no_pooler():
 # ----------------------------------------------------------------------------- ResNet parity
 
 
-class _TorchBasic(torch.nn.Module):
-    expansion = 1
-
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        self.downsample = None
-        if stride != 1 or cin != width:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False),
-                                            nn.BatchNorm2d(width))
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class _TorchBottleneck(torch.nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # v1.5
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width * 4)
-        self.relu = nn.ReLU()
-        self.downsample = None
-        if stride != 1 or cin != width * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False),
-                                            nn.BatchNorm2d(width * 4))
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class _TorchResNet(torch.nn.Module):
-    """torchvision.models.ResNet layout (same module names), without `fc`, pooled output."""
-
-    def __init__(self, block, stage_sizes, width):
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin = width
-        for i, n in enumerate(stage_sizes):
-            blocks = []
-            for j in range(n):
-                blocks.append(block(cin, width * 2 ** i, 2 if (i > 0 and j == 0) else 1))
-                cin = width * 2 ** i * block.expansion
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.num_stages = len(stage_sizes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x)
-        return x.mean(dim=(2, 3))
-
-
-def _random_torch_resnet(block, stage_sizes, width):
-    torch.manual_seed(0)
-    model = _TorchResNet(block, stage_sizes, width)
-    with torch.no_grad():  # randomise BN affine params AND running stats so all are tested
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("bottleneck, stage_sizes, width", [
     (True, (1, 1, 1, 1), 16),   # resnet_tiny
     (False, (2, 1, 1, 1), 8),   # basic blocks (ResNet-18 layout), incl. an identity shortcut
 ])
 def test_resnet_parity_with_torch(bottleneck, stage_sizes, width):
-    block = _TorchBottleneck if bottleneck else _TorchBasic
-    tmodel = _random_torch_resnet(block, stage_sizes, width)
+    block = TorchBottleneck if bottleneck else TorchBasicBlock
+    tmodel = random_torch_resnet(block, stage_sizes, width)
     state = {k: v.numpy() for k, v in tmodel.state_dict().items()}
     state["fc.weight"] = np.zeros((10, 4), np.float32)  # classifier head is dropped on purpose
     state["fc.bias"] = np.zeros((10,), np.float32)
@@ -376,7 +293,7 @@ def test_bert_importer_strict():
 
 
 def test_resnet_importer_strict():
-    tmodel = _random_torch_resnet(_TorchBottleneck, (1, 1, 1, 1), 16)
+    tmodel = random_torch_resnet(TorchBottleneck, (1, 1, 1, 1), 16)
     state = {k: v.numpy() for k, v in tmodel.state_dict().items()}
     model = resnet_lib.resnet_tiny()
     extra = dict(state, **{"layer5.0.conv1.weight": np.zeros((1, 1, 1, 1))})

@@ -259,3 +259,102 @@ def test_train_step_clamps_the_stored_logit_scale_like_flair(uninterrupted):
     new = float(new_state.params["logit_scale"])
     assert abs(new - np.log(100.0)) < 0.01, new
     assert float(metrics["train/logit_scale"]) == pytest.approx(100.0, rel=1e-5)
+
+
+# ------------------------------------------------------------------ converted checkpoints train on
+
+
+def _converted_flair(tmp_path):
+    """A random FLAIR-layout torch model saved as FLAIR saves it, then converted by the CLI."""
+    import torch
+    from test_convert import TorchFLAIR, write_vocab
+
+    from retina_jax import convert as convert_cli
+    tmodel = TorchFLAIR()
+    torch.save(tmodel.state_dict(), tmp_path / "flair.pth")
+    (tmp_path / "tok").mkdir()
+    out = str(tmp_path / "converted")
+    convert_cli.convert("flair", str(tmp_path / "flair.pth"), out, tokenizer=write_vocab(tmp_path / "tok"))
+    return tmodel, out
+
+
+def test_converted_checkpoint_trains_on(tmp_path):
+    """model_init from a converted FLAIR checkpoint: the run starts from its weights, and a few demo
+    steps give a finite loss that falls."""
+    tmodel, out = _converted_flair(tmp_path)
+    # The manifest's architecture; the run keeps its own preprocessing, image size and lengths.
+    config = tiny_config(model_init=out, **config_lib.converted_overrides(out, suggested=False),
+                         **{"train.epochs": 6.0, "optim.schedule_epochs": 6.0, "eval.at_end": False})
+    trainer, state = _start_state(config, str(tmp_path / "start"))
+    want = tmodel.vision_model.model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(np.asarray(state.params["img"]["conv1"]["kernel"]), want)
+    np.testing.assert_allclose(float(state.params["logit_scale"]), 3.1, rtol=1e-6)
+
+    run = Trainer(config, str(tmp_path / "run"))
+    run.train()
+    losses = [m["train/loss"] for m in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "train/loss" in m]
+    assert len(losses) == 24 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
+
+
+def test_model_init_of_a_towers_only_checkpoint_keeps_the_rest_fresh(tmp_path):
+    import torch
+    from torch_references import TorchBottleneck, random_torch_resnet
+
+    from retina_jax import convert as convert_cli
+    tmodel = random_torch_resnet(TorchBottleneck, (1, 1, 1, 1), 16)
+    state = dict(tmodel.state_dict(), **{"fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)})
+    torch.save(state, tmp_path / "resnet.pth")
+    out = str(tmp_path / "resnet")
+    manifest = convert_cli.convert("torchvision-resnet", str(tmp_path / "resnet.pth"), out)
+    assert set(manifest["contains"]["params"]) == {"img"} and "fc.*" in manifest["dropped"]
+    trainer, started = _start_state(tiny_config(model_init=out), str(tmp_path / "init"))
+    np.testing.assert_array_equal(np.asarray(started.batch_stats["img"]["layer1_0"]["bn1"]["var"]),
+                                  tmodel.layer1[0].bn1.running_var.numpy())
+    fresh = trainer.init_state()  # the text tower and projections keep their initialisation
+    assert_trees_equal(started.params["txt"], fresh.params["txt"])
+    assert_trees_equal(started.params["img_proj"], fresh.params["img_proj"])
+
+
+def test_model_init_names_config_fields_the_checkpoint_needs(tmp_path):
+    _, out = _converted_flair(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(tiny_config(model_init=out), 8)  # the demo's 128-d text tower, learned vocabulary
+    msg = str(err.value)
+    assert "config.model.embed_dim: 128" in msg and "--config.model.embed_dim=64" in msg
+    assert "config.text.tokenizer" in msg and "config.model.txt.max_position_embeddings" in msg
+
+
+def test_predict_on_a_training_run_and_real_photographs(uninterrupted, tmp_path):
+    """`python -m retina_jax.predict` on a trained run and the three real fundus photographs
+    (JPEG and PNG, non-square, different sizes); bad paths and unreadable files are named."""
+    _, _, workdir = uninterrupted
+    samples = os.path.join(REPO, "tests", "data", "fundus_samples")  # copied from shared/data
+    images = [os.path.join(samples, f) for f in ("normal_sample.png", "sample_macular_hole.png",
+                                                 "severe_nonprol_dr.jpg")]
+    classes = "normal,diabetic retinopathy,glaucoma"
+    cmd = [sys.executable, "-m", "retina_jax.predict", "--checkpoint", workdir, "--image", *images,
+           "--classes", classes, "--json", str(tmp_path / "out.json")]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[0] == "image" and len(lines) == 4
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert [os.path.basename(r["image"]) for r in report["results"]] == [os.path.basename(p) for p in images]
+    for r in report["results"]:
+        assert sum(r["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert r["top"] == max(r["probs"], key=r["probs"].get)
+    assert report["preprocess"] == "flair"
+
+    from retina_jax.predict import Predictor
+    predictor = Predictor.load(workdir)
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        predictor.predict([images[0], str(tmp_path / "missing.jpg")], classes.split(","))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(open(images[0], "rb").read()[:200])  # a truncated PNG
+    with pytest.raises(ValueError, match="broken.png"):
+        predictor.predict([str(broken)], classes.split(","))
+    cmd = [sys.executable, "-m", "retina_jax.predict", "--checkpoint", workdir, "--image", str(broken),
+           "--classes", classes]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "broken.png" in out.stderr

@@ -86,6 +86,7 @@ def _sync(name: str):
 class FlairTransform:
     """Example -> {'image', 'prompt', 'category_id'}; picklable for grain worker processes."""
     image_size: int
+    preprocess: str
     augment: dict | None
     template: str
     description_swap: bool
@@ -95,9 +96,10 @@ class FlairTransform:
         self._augment = types.SimpleNamespace(**self.augment) if self.augment else None
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-        image = transforms.resize_long_side_and_pad(example["image"], self.image_size)
+        image = transforms.to_canvas(example["image"], self.image_size, self.preprocess)
         if self._augment is not None:
             image = transforms.augment(image, rng, self._augment)
+        image = transforms.normalize(image, self.preprocess)
         categories, atributes = example["categories"], example["atributes"]
         if not categories:
             raise ValueError(f"example {example.get('index')} has no category")
@@ -138,7 +140,7 @@ def train_dataset(config, tokenize: Tokenize) -> grain.IterDataset:
     if config.data.shuffle:
         ds = ds.shuffle(seed=config.seed)
     augment = config.data.augment.to_dict() if config.data.augment.enabled else None
-    ds = ds.random_map(FlairTransform(config.data.image_size, augment, config.data.prompt_template,
+    ds = ds.random_map(FlairTransform(config.data.image_size, config.data.preprocess, augment, config.data.prompt_template,
                                       config.data.description_swap), seed=config.seed)
     ds = ds.repeat(None)
     ds = ds.batch(local_batch_size(config.data.batch_size), drop_remainder=True, batch_fn=Collate(tokenize))
@@ -172,7 +174,7 @@ def heldout_batches(config, batch_size: int):
         valid = np.zeros((local,), bool)
         for row, i in enumerate(chunk):
             example = source[int(i)]
-            images[row] = transforms.resize_long_side_and_pad(example["image"], config.data.image_size)
+            images[row] = transforms.preprocess(example["image"], config.data.image_size, config.data.preprocess)
             labels[row] = classes.index(example["conditions"][0])
             valid[row] = True
         yield images, labels, valid

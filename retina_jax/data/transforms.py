@@ -1,11 +1,14 @@
-"""Image preprocessing and augmentation of FLAIR (METHODS.md section 1).
+"""Image preprocessing (FLAIR, METHODS.md section 1; CLIP/ViLReF, section 4) and FLAIR's augmentation.
 
-FLAIR feeds RGB in [0, 1] with no mean/std normalisation: the long side is resized to the target
+`config.data.preprocess` picks the input convention a checkpoint was trained with:
+- 'flair': FLAIR feeds RGB in [0, 1] with no mean/std normalisation: the long side is resized to the target
 size keeping the aspect ratio, then zero-padded at the bottom/right to a square. Public images are
 augmented with a horizontal flip (p 0.5), a small affine (p 0.25: rotation +-5 degrees, scale
 0.9-1) and colour jitter (p 0.25: brightness and contrast 0.2). FLAIR applies these on the GPU
 with kornia per batch; here they run per example in the grain workers, drawn from the example's
 own generator so a pipeline position always reproduces the same augmentation.
+- 'clip': resize to a square (bicubic, as Chinese-CLIP's `Resize((S, S), BICUBIC)`), then CLIP's
+  mean/std normalisation; augmentation runs before the normalisation, in [0, 1].
 """
 from __future__ import annotations
 
@@ -25,6 +28,42 @@ def resize_long_side_and_pad(image: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((size, size, 3), np.float32)
     out[:new_h, :new_w] = image.astype(np.float32) / 255.0
     return out
+
+
+PREPROCESS_MODES = ("flair", "clip")
+# OpenAI CLIP's (and Chinese-CLIP's / ViLReF's) normalisation constants.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1], bicubic, aspect ratio not kept (CLIP)."""
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+    if image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return image.astype(np.float32) / 255.0
+
+
+def to_canvas(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """The geometric part of `preprocess`: uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]."""
+    if mode == "flair":
+        return resize_long_side_and_pad(image, size)
+    if mode == "clip":
+        return resize_square(image, size)
+    raise ValueError(f"unknown preprocess mode {mode!r}; allowed: {PREPROCESS_MODES}")
+
+
+def normalize(image: np.ndarray, mode: str) -> np.ndarray:
+    """The intensity part of `preprocess`, applied after augmentation: none (FLAIR) or CLIP mean/std."""
+    if mode == "clip":
+        return ((image - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+    return image
+
+
+def preprocess(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """uint8 [H, W, 3] -> the float32 [size, size, 3] model input of `mode` (evaluation, predict)."""
+    return normalize(to_canvas(image, size, mode), mode)
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:

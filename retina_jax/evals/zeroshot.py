@@ -11,20 +11,28 @@ import numpy as np
 from retina_jax.data import knowledge
 
 
-def class_prompts(classes, template: str, descriptions=None) -> list[list[str]]:
+def class_prompts(classes, templates, descriptions=None, *, require_descriptions: bool = True) -> list[list[str]]:
+    """Per class, every template (a str or a sequence of them) filled with its name and descriptions.
+
+    With `require_descriptions=False` a class missing from the dictionary is prompted by its name only
+    (the predictor's free-form classes); otherwise it is an error, as in the evaluation tasks.
+    """
     descriptions = knowledge.CATEGORY_DESCRIPTIONS if descriptions is None else descriptions
+    templates = [templates] if isinstance(templates, str) else list(templates)
     prompts = []
     for name in classes:
-        if name not in descriptions:
+        if name not in descriptions and require_descriptions:
             raise KeyError(f"zero-shot class {name!r} has no entry in the descriptions dictionary")
-        prompts.append([template.format(d) for d in [name] + list(descriptions[name])])
+        texts = [name] + list(descriptions.get(name, ()))
+        prompts.append([t.format(d) for t in templates for d in texts])
     return prompts
 
 
-def class_prototypes(encode_text, tokenize, classes, template: str, descriptions=None) -> np.ndarray:
+def class_prototypes(encode_text, tokenize, classes, templates, descriptions=None, *,
+                     require_descriptions: bool = True) -> np.ndarray:
     """[C, D] prototypes; `encode_text(ids, mask) -> [N, D]` normalised embeddings."""
     protos = []
-    for prompts in class_prompts(classes, template, descriptions):
+    for prompts in class_prompts(classes, templates, descriptions, require_descriptions=require_descriptions):
         ids, mask = tokenize(prompts)
         protos.append(np.asarray(encode_text(ids, mask)).mean(axis=0))
     return np.stack(protos)

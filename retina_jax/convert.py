@@ -1,0 +1,155 @@
+r"""Convert a released PyTorch / Hugging Face checkpoint into one `config.model_init` loads
+(METHODS.md section 5).
+
+  python -m retina_jax.convert --from flair flair_resnet.pth --tokenizer Bio_ClinicalBERT/ --out ckpt/flair
+  python -m retina_jax.convert --from keepfit keepfit.pth --tokenizer Bio_ClinicalBERT/ --out ckpt/keepfit
+  python -m retina_jax.convert --from vilref vilref_vit_b16.pt --tokenizer chinese-roberta-wwm-ext/ --out ckpt/vilref
+  python -m retina_jax.convert --from hf-bert Bio_ClinicalBERT/ --out ckpt/bert
+  python -m retina_jax.convert --from torchvision-resnet resnet50-0676ba61.pth --out ckpt/resnet50
+  python -m retina_jax.convert --from openai-clip ViT-B-16.pt --image-size 384 --out ckpt/clip
+
+The output directory holds `checkpoints/0` (the `params` / `batch_stats` trees), `manifest.json`
+(source, trees, the config values the model needs, the original's preprocessing, and every key
+left out on purpose with its reason) and, when a tokenizer is known, `tokenizer/`. The command
+prints the flags that train on from it (`--config.model_init=DIR` plus the manifest's config) and
+the predictor reads it directly (`python -m retina_jax.predict --checkpoint DIR`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+
+from retina_jax import checkpointing
+from retina_jax.models import convert as convert_lib
+from retina_jax.models.checkpoint_io import read_state_dict
+
+SOURCES = ("flair", "keepfit", "vilref", "hf-bert", "torchvision-resnet", "openai-clip")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+FORMAT = "retina_jax/converted-v1"
+
+
+def _sha256(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_tokenizer(src: str, out_dir: str) -> str:
+    files = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+    if not any(f in files for f in ("tokenizer.json", "vocab.txt")):
+        raise FileNotFoundError(f"--tokenizer {src}: no tokenizer.json or vocab.txt in it")
+    dst = os.path.join(out_dir, "tokenizer")
+    os.makedirs(dst, exist_ok=True)
+    for f in files:
+        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    return dst
+
+
+def _vocab_size(tokenizer_dir: str) -> int:
+    from retina_jax.data.tokenizer import load_tokenizer
+    return load_tokenizer(tokenizer_dir, 8).get_vocab_size()
+
+
+def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | None = None,
+            image_size: int | None = None, trust_pickle: bool = False) -> dict:
+    """Convert `source` and write `out_dir`; returns the manifest."""
+    if source_kind not in SOURCES:
+        raise ValueError(f"--from {source_kind!r} not in {SOURCES}")
+    state, hf_config = read_state_dict(source, trust_pickle=trust_pickle)
+    num_keys = len(state)
+    if source_kind in ("flair", "keepfit"):
+        converted = convert_lib.import_flair(state, knowledge=source_kind == "keepfit")
+    elif source_kind == "vilref":
+        converted = convert_lib.import_vilref(state, image_size=image_size)
+    elif source_kind == "openai-clip":
+        converted = convert_lib.import_openai_clip(state, image_size=image_size)
+    elif source_kind == "torchvision-resnet":
+        converted = convert_lib.import_torchvision_resnet(state)
+    else:
+        if hf_config is None:
+            raise FileNotFoundError(f"--from hf-bert needs a Hugging Face directory with config.json: {source}")
+        converted = convert_lib.import_hf_bert(state, hf_config)
+        tokenizer = tokenizer or source  # HF directories carry their tokenizer
+    if image_size and source_kind not in ("vilref", "openai-clip"):
+        raise ValueError(f"--image-size only applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
+
+    os.makedirs(out_dir, exist_ok=True)
+    config, suggested = dict(converted.config), dict(converted.suggested)
+    if "txt" in converted.variables["params"]:
+        if tokenizer is None:
+            print(f"note: no --tokenizer given; set config.text.tokenizer to the {source_kind} tokenizer "
+                  "directory when training or predicting", file=sys.stderr)
+        else:
+            _copy_tokenizer(tokenizer, out_dir)
+            vocab = converted.variables["params"]["txt"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+            if _vocab_size(os.path.join(out_dir, "tokenizer")) != vocab:
+                raise ValueError(f"--tokenizer {tokenizer}: vocabulary of {_vocab_size(os.path.join(out_dir, 'tokenizer'))} "
+                                 f"tokens, but the checkpoint's word embeddings have {vocab} rows")
+            config["text.tokenizer"] = "tokenizer"  # relative to the manifest (read_manifest resolves it)
+    params, batch_stats = converted.variables["params"], converted.variables["batch_stats"]
+    count = lambda tree: int(sum(np.size(a) for a in jax.tree.leaves(tree)))
+    manifest = {
+        "format": FORMAT, "from": source_kind, "source": os.path.abspath(source),
+        "source_sha256": _sha256(source), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "source_keys": num_keys,
+        "contains": {"params": {k: count(v) for k, v in params.items()},
+                     "batch_stats": {k: count(v) for k, v in batch_stats.items()}},
+        "config": config, "suggested": suggested, "dropped": converted.dropped,
+    }
+    checkpointing.save_variables(out_dir, converted.variables, manifest)
+    return manifest
+
+
+def train_flags(manifest: dict, out_dir: str) -> str:
+    flags = [f"--config.model_init={os.path.abspath(out_dir)}"]
+    for key, value in manifest["config"].items():
+        if key == "text.tokenizer":
+            value = os.path.join(os.path.abspath(out_dir), value)
+        if isinstance(value, list):
+            value = "(" + ",".join(str(v) for v in value) + (",)" if len(value) == 1 else ")")
+        flags.append(f"--config.{key}={value}")
+    return " ".join(flags)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retina_jax.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source_kind", required=True, choices=SOURCES)
+    parser.add_argument("source", help="checkpoint file (.pt/.pth/.bin/.safetensors) or Hugging Face directory")
+    parser.add_argument("--out", required=True, help="output directory (must not hold a converted checkpoint)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (tokenizer.json or vocab.txt) to ship with it")
+    parser.add_argument("--image-size", type=int, help="CLIP towers: resample the learned positions to this size")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow torch checkpoints that pickle non-tensor objects (executes code from the file)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = convert(args.source_kind, args.source, args.out, tokenizer=args.tokenizer,
+                           image_size=args.image_size, trust_pickle=args.trust_pickle)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.source_kind} checkpoint {args.source} ({manifest['source_keys']} keys) -> {args.out}")
+    for collection, trees in manifest["contains"].items():
+        for tree, n in trees.items():
+            print(f"  {collection}/{tree}: {n:,} values")
+    for key, why in manifest["dropped"].items():
+        print(f"  left out {key}: {why}")
+    print("train on from it with:\n  python -m retina_jax.main --config configs/<method>.py "
+          + train_flags(manifest, args.out))
+    print(f"predict with:\n  python -m retina_jax.predict --checkpoint {args.out} --image IMAGE --classes \"a,b\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
