@@ -20,6 +20,7 @@ import argparse
 import datetime
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 
@@ -119,7 +120,7 @@ def train_flags(manifest: dict, out_dir: str) -> str:
         if isinstance(value, list):
             value = "(" + ",".join(str(v) for v in value) + (",)" if len(value) == 1 else ")")
         flags.append(f"--config.{key}={value}")
-    return " ".join(flags)
+    return " ".join(shlex.quote(f) for f in flags)  # tuples' parentheses must survive the shell
 
 
 def main(argv=None) -> int:

@@ -28,17 +28,26 @@ transformers = pytest.importorskip("transformers")
 nn = torch.nn
 F = torch.nn.functional
 
-VOCAB = 300
+VOCAB = 400
 SENTENCES = ["A fundus photograph of glaucoma", "A noisy fundus photograph of drusen near the macula",
              "no diabetic retinopathy"]
 
 
 def write_vocab(path) -> str:
-    """A WordPiece vocabulary of exactly VOCAB tokens (the torch BERTs below use that many rows)."""
-    words = sorted({w.lower() for s in SENTENCES for w in s.split()})
-    chars = sorted({c for w in words for c in w})
+    """A WordPiece vocabulary of exactly VOCAB tokens (the torch BERTs below use that many rows): every
+    letter, digit and punctuation mark, and whole words of the test sentences and of the synthetic
+    corpus's categories and descriptions, so prompts are not [UNK] when a converted model trains on."""
+    import re
+    import string
+
+    from retina_jax.data import knowledge
+    texts = SENTENCES + [t for c in knowledge.category_vocabulary()
+                         for t in [c, *knowledge.CATEGORY_DESCRIPTIONS.get(c, ())]]
+    words = sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())})
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
                                + words))
+    assert len(vocab) <= VOCAB, len(vocab)
     vocab += [f"[unused{i}]" for i in range(VOCAB - len(vocab))]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (path / "tokenizer_config.json").write_text('{"do_lower_case": true}')

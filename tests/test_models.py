@@ -66,6 +66,17 @@ def test_bert_base_param_count(add_pooler, expected):
     assert out["last_hidden_state"].dtype == jnp.bfloat16 and len(out["hidden_states"]) == 13
 
 
+@pytest.mark.parametrize("add_pooler, expected", [(True, 102_267_648), (False, 101_677_056)])
+def test_chinese_roberta_wwm_ext_base_param_count(add_pooler, expected):
+    """ViLReF's text tower: Chinese RoBERTa-wwm-ext-base is BERT-layout with a 21,128-token vocabulary
+    (102.3M parameters with the pooler, as its Hugging Face card states)."""
+    config = bert_lib.BertConfig(vocab_size=21128, add_pooler=add_pooler)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    variables = jax.eval_shape(
+        lambda: bert_lib.BertModel(config).init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids)))
+    assert _num_params(variables["params"]) == expected
+
+
 def test_tiny_variants_forward():
     model = resnet_lib.resnet_tiny()
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 64, 64, 3))
@@ -306,3 +317,24 @@ def test_resnet_importer_strict():
     with pytest.raises(ValueError, match=r"missing layer1\.1\.conv1\.weight"):
         convert.resnet_from_torchvision_state_dict(
             state, resnet_lib.resnet_tiny(stage_sizes=(2, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("axis", ["heads", "keys"])
+def test_knowledge_attention_softmax_axis(axis):
+    """KeepFIT's knowledge attention: the faithful 'heads' softmax (weights sum to 1 across the two
+    heads, so the output grows with the number of keys) vs textbook 'keys' attention."""
+    from retina_jax.models.knowledge import KnowledgeAttention
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(n, 8)).astype(np.float32) for n in (3, 5, 5))
+    module = KnowledgeAttention(heads=2, dropout=0.5, softmax_axis=axis)
+    variables = module.init(jax.random.PRNGKey(0), q, k, v)
+    w = {n: np.asarray(variables["params"][n]["kernel"]) for n in ("q", "k", "v", "out")}
+    split = lambda x: x.reshape(x.shape[0], 2, 4).transpose(1, 0, 2)  # [heads, N, 4]
+    scores = np.einsum("hqd,hkd->hqk", split(q @ w["q"]), split(k @ w["k"])) / 2.0  # sqrt(head_dim 4)
+    e = np.exp(scores - scores.max(axis=0 if axis == "heads" else -1, keepdims=True))
+    weights = e / e.sum(axis=0 if axis == "heads" else -1, keepdims=True)
+    want = np.einsum("hqk,hkd->hqd", weights, split(v @ w["v"])).transpose(1, 0, 2).reshape(3, 8) @ w["out"]
+    got = module.apply(variables, q, k, v)  # deterministic: no dropout
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dropped = module.apply(variables, q, k, v, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.allclose(dropped, got)  # dropout 0.5 on the weights in training

@@ -1,6 +1,12 @@
 """Checkpoint importers: PyTorch state dicts (as NumPy arrays) -> flax variables (METHODS.md
 section 5, checkpoint interoperability).
 
+Two levels: tower importers (`bert_from_hf_state_dict`, `resnet_from_torchvision_state_dict`,
+`vit_from_clip_state_dict`, `modified_resnet_from_clip_state_dict`) and whole-checkpoint importers
+of the original methods (`import_flair` for FLAIR and KeepFIT, `import_vilref`, `import_openai_clip`,
+`import_hf_bert`, `import_torchvision_resnet`), which infer the architecture from the shapes and
+return a `Converted` (variables, the config values they need, keys left out on purpose).
+
 Every importer is strict: it walks the abstract variables of the target model
 (`jax.eval_shape` of its init), fills each leaf from exactly one state-dict key, checks shapes,
 and raises ValueError listing any leaf left unfilled or any key left unconsumed. A silent partial
