@@ -83,6 +83,15 @@ def read_manifest(path: str) -> dict | None:
     return None
 
 
+def check_new_output(out_dir: str) -> None:
+    """A conversion never overwrites: refuse a directory that holds a checkpoint already."""
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise FileExistsError(f"{out_dir} already holds a converted checkpoint; choose another --out")
+    if os.path.exists(os.path.join(out_dir, "checkpoints")):
+        raise FileExistsError(f"{out_dir}/checkpoints exists without {MANIFEST} (an interrupted conversion, or "
+                              "a training run): remove it or choose another --out")
+
+
 def save_variables(out_dir: str, variables: dict, manifest: dict) -> str:
     """Write converted `{params, batch_stats}` and `manifest.json` to `out_dir` (model_init-loadable).
 
@@ -90,8 +99,7 @@ def save_variables(out_dir: str, variables: dict, manifest: dict) -> str:
     directory with a manifest always holds a complete checkpoint.
     """
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, MANIFEST)):
-        raise FileExistsError(f"{out_dir} already holds a converted checkpoint; choose another --out")
+    check_new_output(out_dir)
     state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     mngr = manager(os.path.join(out_dir, "checkpoints"), async_save=False)
     mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))

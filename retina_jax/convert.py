@@ -67,6 +67,7 @@ def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | Non
     """Convert `source` and write `out_dir`; returns the manifest."""
     if source_kind not in SOURCES:
         raise ValueError(f"--from {source_kind!r} not in {SOURCES}")
+    checkpointing.check_new_output(out_dir)  # before the (slow) reading and converting
     state, hf_config = read_state_dict(source, trust_pickle=trust_pickle)
     num_keys = len(state)
     if source_kind in ("flair", "keepfit"):
@@ -85,18 +86,20 @@ def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | Non
     if image_size and source_kind not in ("vilref", "openai-clip"):
         raise ValueError(f"--image-size only applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
 
-    os.makedirs(out_dir, exist_ok=True)
     config, suggested = dict(converted.config), dict(converted.suggested)
     if "txt" in converted.variables["params"]:
         if tokenizer is None:
             print(f"note: no --tokenizer given; set config.text.tokenizer to the {source_kind} tokenizer "
                   "directory when training or predicting", file=sys.stderr)
         else:
+            rows = converted.variables["params"]["txt"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+            if not os.path.isdir(tokenizer):
+                raise FileNotFoundError(f"--tokenizer {tokenizer}: not a directory")
+            if _vocab_size(tokenizer) != rows:
+                raise ValueError(f"--tokenizer {tokenizer}: vocabulary of {_vocab_size(tokenizer)} tokens, but the "
+                                 f"checkpoint's word embeddings have {rows} rows")
+            os.makedirs(out_dir, exist_ok=True)
             _copy_tokenizer(tokenizer, out_dir)
-            vocab = converted.variables["params"]["txt"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
-            if _vocab_size(os.path.join(out_dir, "tokenizer")) != vocab:
-                raise ValueError(f"--tokenizer {tokenizer}: vocabulary of {_vocab_size(os.path.join(out_dir, 'tokenizer'))} "
-                                 f"tokens, but the checkpoint's word embeddings have {vocab} rows")
             config["text.tokenizer"] = "tokenizer"  # relative to the manifest (read_manifest resolves it)
     params, batch_stats = converted.variables["params"], converted.variables["batch_stats"]
     count = lambda tree: int(sum(np.size(a) for a in jax.tree.leaves(tree)))

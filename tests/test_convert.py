@@ -271,3 +271,8 @@ def test_strict_importer_lists_unexpected_and_missing_keys(tokenizer_dir, tmp_pa
     assert convert_cli.main(["--from", "flair", str(tmp_path / "flair.pth"), "--tokenizer", str(other),
                              "--out", str(tmp_path / "d")]) == 2
     assert "vocabulary" in capsys.readouterr().err
+    # Converting into a directory that already holds a conversion is refused, never overwritten.
+    assert convert_cli.main(["--from", "flair", str(tmp_path / "flair.pth"), "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert convert_cli.main(["--from", "flair", str(tmp_path / "flair.pth"), "--out", str(tmp_path / "e")]) == 2
+    assert "already holds" in capsys.readouterr().err
