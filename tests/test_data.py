@@ -14,7 +14,7 @@ from retina_jax.evals import metrics as eval_metrics
 from retina_jax.evals import zeroshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLES = os.path.join(os.path.dirname(REPO), "shared", "data", "fundus_samples")
+SAMPLES = os.path.join(REPO, "tests", "data", "fundus_samples")  # copied from shared/data (README there)
 
 
 def demo_config(**overrides):
@@ -33,11 +33,14 @@ def test_resize_long_side_and_zero_pad_bottom_right():
     assert np.all(out[32:] == 0)
 
 
-@pytest.mark.skipif(not os.path.isdir(SAMPLES), reason="shared/data/fundus_samples not present")
 @pytest.mark.parametrize("name", ["normal_sample.png", "sample_macular_hole.png", "severe_nonprol_dr.jpg"])
 def test_real_fundus_photographs_preprocess(name):
     image = np.asarray(Image.open(os.path.join(SAMPLES, name)).convert("RGB"))
     out = transforms.resize_long_side_and_pad(image, 512)
+    clip = transforms.preprocess(image, 224, "clip")  # square bicubic resize + CLIP mean/std
+    assert clip.shape == (224, 224, 3)
+    np.testing.assert_allclose(clip * transforms.CLIP_STD + transforms.CLIP_MEAN,
+                               transforms.resize_square(image, 224), atol=1e-5)
     h, w = image.shape[:2]
     assert out.shape == (512, 512, 3) and 0.0 <= out.min() and out.max() <= 1.0
     if w > h:  # landscape: padded at the bottom
