@@ -123,7 +123,8 @@ def restore_variables(directory: str, sharding, step: int | None = None) -> dict
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     mngr.close()
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+    # A ViT model has no BatchNorm: its empty batch_stats tree may not come back from orbax.
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {}) or {}}
 
 
 def _shapes(tree) -> dict[str, tuple]:
