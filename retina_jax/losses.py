@@ -3,6 +3,9 @@
 - `clip_loss`: CLIP InfoNCE (identity targets), used by KeepFIT's expert stream (METHODS.md section 2).
 - `flair_loss`: FLAIR's label-aware soft CLIP loss (METHODS.md section 1): rows/columns whose
   *original* category ids are equal are all positives, with the target spread uniformly over them.
+- `wscl_loss`: ViLReF's Weighted Similarity Coupling Loss (METHODS.md section 4, [recon]): keys are
+  the in-batch items plus a queue, negatives are weighted by label dissimilarity, false negatives
+  (identical label sets) and invalid queue slots are dropped.
 
 Both take L2-normalised embeddings `zimg`, `ztxt` `[B, D]` and the stored log-temperature parameter
 `logit_scale`. The losses are written on the global batch: under `jit` with a mesh, pass
@@ -86,3 +89,94 @@ def grouped(loss_fn, num_groups: int):
         return jnp.mean(losses)
 
     return local_loss
+
+
+# ---------------------------------------------------------------------------------------- WSCL
+
+WSCL_COUPLINGS = ("similarity", "log", "none")
+# A dropped key's logit: exp(MASKED - max) is exactly 0 in float32, and unlike -inf it keeps
+# `target * log_softmax` finite where the target is 0 (momentum distillation's soft targets).
+MASKED = -1e9
+
+
+def label_cosine(labels: jax.Array, key_labels: jax.Array) -> jax.Array:
+    """cos(y_i, y_k) of multi-hot label vectors [B, C] x [K, C] -> [B, K]; 0 where a vector is all zero."""
+    y = labels.astype(jnp.float32)
+    yk = key_labels.astype(jnp.float32)
+    ny = jnp.linalg.norm(y, axis=1)  # [B]
+    nk = jnp.linalg.norm(yk, axis=1)  # [K]
+    denom = ny[:, None] * nk[None, :]  # [B, K]
+    return jnp.where(denom > 0, (y @ yk.T) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def wscl_logits(sim: jax.Array, label_sim: jax.Array, key_valid: jax.Array, scale: jax.Array,
+                coupling: str = "similarity") -> jax.Array:
+    """Coupled logits [B, K] of one direction; the positive of row i is column i.
+
+    W = 1 - Sy on negatives and 1 on the positive; 'similarity' (default): s * (W * S); 'log':
+    s * S + log W; 'none': s * S. False negatives (same label set as the row, not the positive) and
+    invalid keys (unfilled queue slots) get MASKED, i.e. exactly zero probability.
+    """
+    if coupling not in WSCL_COUPLINGS:
+        raise ValueError(f"unknown WSCL coupling {coupling!r}; allowed: {WSCL_COUPLINGS}")
+    b, k = sim.shape
+    pos = jnp.arange(k)[None, :] == jnp.arange(b)[:, None]  # [B, K]; queue columns are never positive
+    false_neg = (label_sim >= 1.0 - 1e-6) & ~pos  # [B, K]
+    weight = jnp.where(pos, 1.0, 1.0 - label_sim)  # [B, K]
+    if coupling == "similarity":
+        z = scale * (weight * sim)
+    elif coupling == "log":
+        z = scale * sim + jnp.log(jnp.maximum(weight, 1e-12))  # W = 0 only on false negatives (dropped)
+    else:
+        z = scale * sim
+    drop = false_neg | ~key_valid[None, :].astype(bool)
+    return jnp.where(drop, MASKED, z)
+
+
+def _wscl_direction(z: jax.Array, soft: jax.Array | None, alpha: float) -> jax.Array:
+    """Cross-entropy of one direction: hard target = the positive (column i); with momentum
+    distillation the target is (1 - alpha) * onehot + alpha * soft (ALBEF)."""
+    logp = jax.nn.log_softmax(z, axis=-1)  # [B, K]
+    b, k = z.shape
+    onehot = (jnp.arange(k)[None, :] == jnp.arange(b)[:, None]).astype(logp.dtype)  # [B, K]
+    target = onehot if soft is None else (1.0 - alpha) * onehot + alpha * soft
+    return -jnp.mean(jnp.sum(jnp.where(target > 0, target * logp, 0.0), axis=-1))
+
+
+def wscl_loss(zimg: jax.Array, ztxt: jax.Array, labels: jax.Array, logit_scale: jax.Array, *,
+              keys_img: jax.Array | None = None, keys_txt: jax.Array | None = None,
+              queue_img: jax.Array | None = None, queue_txt: jax.Array | None = None,
+              queue_labels: jax.Array | None = None, queue_valid: jax.Array | None = None,
+              coupling: str = "similarity", alpha: float = 0.0,
+              momentum_img: jax.Array | None = None, momentum_txt: jax.Array | None = None,
+              row_sharding=None) -> jax.Array:
+    """ViLReF's WSCL, both directions averaged (METHODS.md section 4).
+
+    zimg, ztxt [B, D]: the online embeddings (queries). labels [B, C] multi-hot. Keys are
+    `keys_img`/`keys_txt` [B, D] (the momentum features, ALBEF; default: the online ones) followed
+    by the queue `queue_img`/`queue_txt` [Q, D] with `queue_labels` [Q, C] and `queue_valid` [Q].
+    With `alpha > 0`, `momentum_img`/`momentum_txt` [B, D] (the momentum model's queries) give soft
+    targets from the same coupled, masked logits (ALBEF momentum distillation), under stop_gradient.
+    """
+    scale = jnp.exp(clamp_logit_scale(logit_scale))
+    keys_img = zimg if keys_img is None else keys_img
+    keys_txt = ztxt if keys_txt is None else keys_txt
+    key_labels, valid = labels, jnp.ones((zimg.shape[0],), bool)
+    if queue_img is not None:
+        keys_img = jnp.concatenate([keys_img, queue_img])  # [K, D]
+        keys_txt = jnp.concatenate([keys_txt, queue_txt])  # [K, D]
+        key_labels = jnp.concatenate([labels, queue_labels.astype(labels.dtype)])  # [K, C]
+        valid = jnp.concatenate([valid, queue_valid.astype(bool)])  # [K]
+    label_sim = _constrain(label_cosine(labels, key_labels), row_sharding)  # [B, K], rows sharded
+
+    def direction(queries, keys, momentum_queries):
+        z = wscl_logits(_constrain(queries @ keys.T, row_sharding), label_sim, valid, scale, coupling)  # [B, K]
+        soft = None
+        if alpha > 0:
+            if momentum_queries is None:
+                raise ValueError("wscl_loss: alpha > 0 needs the momentum model's features (momentum_img/txt)")
+            z_m = wscl_logits(momentum_queries @ keys.T, label_sim, valid, scale, coupling)
+            soft = jax.lax.stop_gradient(jax.nn.softmax(z_m, axis=-1))  # [B, K]
+        return _wscl_direction(z, soft, alpha)
+
+    return 0.5 * (direction(zimg, keys_txt, momentum_img) + direction(ztxt, keys_img, momentum_txt))
