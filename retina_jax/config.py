@@ -11,15 +11,16 @@ import os
 
 import ml_collections
 
-TEXT_POOLING = ("flair", "cls", "masked_mean")
+# The allowed values of each switch are owned by the module that implements it.
+from retina_jax.data.transforms import PREPROCESS_MODES
+from retina_jax.models.bert import TEXT_POOLING_MODES
+from retina_jax.models.knowledge import KNOWLEDGE_SOFTMAX_AXES
+from retina_jax.models.two_tower import IMAGE_TOWERS, PROJECTIONS
+
 LOSSES = ("flair", "clip")
 LOSS_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
-IMAGE_TOWERS = ("resnet", "clip_resnet", "vit")
-PROJECTIONS = ("flair", "linear", "none")
-PREPROCESS = ("flair", "clip")
-KNOWLEDGE_SOFTMAX_AXES = ("heads", "keys")
 
 
 class ConfigError(ValueError):
@@ -78,8 +79,8 @@ def validate(config, num_devices: int) -> None:
     check(2 <= config.text.max_len <= config.model.txt.max_position_embeddings, "text.max_len",
           f"{config.text.max_len} must be in [2, model.txt.max_position_embeddings="
           f"{config.model.txt.max_position_embeddings}]")
-    check(config.model.txt.pooling in TEXT_POOLING, "model.txt.pooling",
-          f"{config.model.txt.pooling!r} not in {TEXT_POOLING}")
+    check(config.model.txt.pooling in TEXT_POOLING_MODES, "model.txt.pooling",
+          f"{config.model.txt.pooling!r} not in {TEXT_POOLING_MODES}")
     check(config.model.txt.hidden_size % config.model.txt.num_attention_heads == 0, "model.txt.num_attention_heads",
           f"hidden_size {config.model.txt.hidden_size} is not divisible by {config.model.txt.num_attention_heads} heads")
     img = config.model.img
@@ -100,7 +101,8 @@ def validate(config, num_devices: int) -> None:
           "'none' needs the clip_resnet tower with clip_resnet.output_dim == model.embed_dim")
     check(config.model.knowledge.softmax_axis in KNOWLEDGE_SOFTMAX_AXES, "model.knowledge.softmax_axis",
           f"{config.model.knowledge.softmax_axis!r} not in {KNOWLEDGE_SOFTMAX_AXES}")
-    check(config.data.preprocess in PREPROCESS, "data.preprocess", f"{config.data.preprocess!r} not in {PREPROCESS}")
+    check(config.data.preprocess in PREPROCESS_MODES, "data.preprocess",
+          f"{config.data.preprocess!r} not in {PREPROCESS_MODES}")
     check(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"{config.model.compute_dtype!r} not in {DTYPES}")
     check(config.loss.name in LOSSES, "loss.name", f"{config.loss.name!r} not in {LOSSES}")
     check(config.loss.scope in LOSS_SCOPES, "loss.scope", f"{config.loss.scope!r} not in {LOSS_SCOPES}")
@@ -147,13 +149,12 @@ def _same(a, b) -> bool:
 
 def converted_overrides(path: str, suggested: bool = True) -> dict:
     """Dotted config values of a converted checkpoint (its manifest's config, and by default the
-    original's suggested preprocessing), typed for `override` (lists -> tuples)."""
+    original's suggested preprocessing), for `override` (ConfigDict turns JSON lists into tuples)."""
     from retina_jax import checkpointing
     manifest = checkpointing.read_manifest(path)
     if manifest is None:
         raise FileNotFoundError(f"{path}: no manifest.json (not a python -m retina_jax.convert output)")
-    values = {**(manifest["suggested"] if suggested else {}), **manifest["config"]}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return {**(manifest["suggested"] if suggested else {}), **manifest["config"]}
 
 
 def manifest_mismatches(config, path: str) -> list[str]:

@@ -95,8 +95,9 @@ def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | Non
             rows = converted.variables["params"]["txt"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
             if not os.path.isdir(tokenizer):
                 raise FileNotFoundError(f"--tokenizer {tokenizer}: not a directory")
-            if _vocab_size(tokenizer) != rows:
-                raise ValueError(f"--tokenizer {tokenizer}: vocabulary of {_vocab_size(tokenizer)} tokens, but the "
+            vocab = _vocab_size(tokenizer)
+            if vocab != rows:
+                raise ValueError(f"--tokenizer {tokenizer}: vocabulary of {vocab} tokens, but the "
                                  f"checkpoint's word embeddings have {rows} rows")
             os.makedirs(out_dir, exist_ok=True)
             _copy_tokenizer(tokenizer, out_dir)

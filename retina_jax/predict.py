@@ -60,9 +60,8 @@ def checkpoint_config(checkpoint: str, tokenizer: str | None = None):
             values = flatten(json.load(f)["config"])
         if values.get("text.tokenizer") == "learn":  # the run learned its vocabulary into its workdir
             values["text.tokenizer"] = os.path.join(checkpoint, "tokenizer")
-    known = flatten(config)
-    values = {k: tuple(v) if isinstance(known.get(k), tuple) else v for k, v in values.items() if k in known}
-    override(config, values)
+    known = flatten(config)  # a run's config may hold fields this version no longer has
+    override(config, {k: v for k, v in values.items() if k in known})
     if tokenizer:
         config.text.tokenizer = tokenizer
     if config.text.tokenizer == "learn" or not os.path.isdir(config.text.tokenizer):
