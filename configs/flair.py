@@ -21,29 +21,15 @@ def get_config(arg=None):
 
     # CPU demo: tiny towers at 96 px; every other setting keeps its FLAIR value unless it must
     # shrink for a 2-core machine (epochs, corpus size, batch, vocabulary).
-    c.data.batch_size = 64
-    c.data.image_size = 96
-    c.data.synthetic.image_size = 96
-    c.data.synthetic.size = 4096
-    c.data.worker_count = 1
+    common.cpu_demo(c)
     c.text.vocab_size = 1500
     c.text.vocab_corpus_size = 500
     c.text.max_len = 32
     c.model.img.depth = 50
     c.model.img.width = 16
     c.model.img.stage_sizes = (1, 1, 1, 1)
-    c.model.txt.hidden_size = 128
-    c.model.txt.num_hidden_layers = 2
-    c.model.txt.num_attention_heads = 2
-    c.model.txt.intermediate_size = 512
     c.model.txt.max_position_embeddings = 64
-    c.model.embed_dim = 128
-    c.optim.lr = 1e-3
     c.optim.warmup_epochs = 1.0
     c.optim.schedule_epochs = 8.0 * arg.steps_scale
     c.train.epochs = 8.0 * arg.steps_scale
-    c.train.log_every = 8
-    c.train.checkpoint_every = 128
-    c.eval.batch_size = 100
-    c.eval.zero_shot.size = 600
     return c

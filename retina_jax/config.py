@@ -12,12 +12,20 @@ import os
 import ml_collections
 
 # The allowed values of each switch are owned by the module that implements it.
-from retina_jax.data.transforms import PREPROCESS_MODES
+from retina_jax.data.labels import LANGUAGES as REPORT_LANGUAGES
+from retina_jax.data.transforms import AUGMENT_KINDS, PREPROCESS_MODES
+from retina_jax.evals.zeroshot import LANGUAGES as PROMPT_LANGUAGES
+from retina_jax.losses import WSCL_COUPLINGS
+from retina_jax.momentum import check_queue_size
 from retina_jax.models.bert import TEXT_POOLING_MODES
 from retina_jax.models.knowledge import KNOWLEDGE_SOFTMAX_AXES
 from retina_jax.models.two_tower import IMAGE_TOWERS, PROJECTIONS
 
-LOSSES = ("flair", "clip")
+LOSSES = ("flair", "clip", "wscl")
+STREAMS = ("flair", "reports")
+REPORT_LABELS = ("extract", "given")
+MOMENTUM_KEYS = ("momentum", "online")
+LOGIT_SCALE_CLAMPS = ("before_forward", "after_step")
 LOSS_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
@@ -106,9 +114,53 @@ def validate(config, num_devices: int) -> None:
     check(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"{config.model.compute_dtype!r} not in {DTYPES}")
     check(config.loss.name in LOSSES, "loss.name", f"{config.loss.name!r} not in {LOSSES}")
     check(config.loss.scope in LOSS_SCOPES, "loss.scope", f"{config.loss.scope!r} not in {LOSS_SCOPES}")
+    check(config.data.stream in STREAMS, "data.stream", f"{config.data.stream!r} not in {STREAMS}")
+    r = config.data.reports
+    check(r.language in REPORT_LANGUAGES, "data.reports.language", f"{r.language!r} not in {REPORT_LANGUAGES}")
+    check(r.labels in REPORT_LABELS, "data.reports.labels", f"{r.labels!r} not in {REPORT_LABELS}")
+    check(r.drop_chars >= 0, "data.reports.drop_chars", "must be >= 0 (0 = keep the whole report)")
+    check(config.data.augment.kind in AUGMENT_KINDS, "data.augment.kind",
+          f"{config.data.augment.kind!r} not in {AUGMENT_KINDS}")
+    lo, hi = config.data.augment.crop_scale
+    check(0 < lo <= hi <= 1, "data.augment.crop_scale", f"({lo}, {hi}) must satisfy 0 < min <= max <= 1")
+    check(config.loss.name != "flair" or config.data.stream == "flair", "loss.name",
+          "'flair' needs the category ids of data.stream='flair'")
+    check(config.loss.name != "wscl" or config.data.stream == "reports", "loss.name",
+          "'wscl' needs the label vectors of data.stream='reports'")
+    check(config.loss.wscl.coupling in WSCL_COUPLINGS, "loss.wscl.coupling",
+          f"{config.loss.wscl.coupling!r} not in {WSCL_COUPLINGS}")
+    check(0.0 <= config.loss.wscl.alpha <= 1.0, "loss.wscl.alpha", "must be in [0, 1]")
+    m = config.momentum
+    check(0.0 <= m.decay < 1.0, "momentum.decay", f"{m.decay} must be in [0, 1)")
+    check(m.key_features in MOMENTUM_KEYS, "momentum.key_features", f"{m.key_features!r} not in {MOMENTUM_KEYS}")
+    check(m.enabled or m.key_features == "online", "momentum.key_features", "'momentum' keys need momentum.enabled=True")
+    check(m.enabled or config.loss.wscl.alpha == 0, "loss.wscl.alpha",
+          "momentum distillation (alpha > 0) needs momentum.enabled=True")
+    check(not m.enabled or config.loss.name == "wscl", "momentum.enabled",
+          f"the momentum model feeds only the 'wscl' loss, not {config.loss.name!r}")
+    if m.queue_size:
+        check(config.loss.name == "wscl", "momentum.queue_size", f"queues feed only the 'wscl' loss, not "
+              f"{config.loss.name!r}")
+        try:
+            check_queue_size(m.queue_size, config.data.batch_size)
+        except ValueError as e:
+            check(False, "momentum.queue_size", f"{e} (data.batch_size)")
+    check(m.queue_size >= 0, "momentum.queue_size", "must be >= 0 (0 = no queue)")
+    check(config.model.logit_scale_clamp in LOGIT_SCALE_CLAMPS, "model.logit_scale_clamp",
+          f"{config.model.logit_scale_clamp!r} not in {LOGIT_SCALE_CLAMPS}")
+    check(config.eval.zero_shot.language in PROMPT_LANGUAGES, "eval.zero_shot.language",
+          f"{config.eval.zero_shot.language!r} not in {PROMPT_LANGUAGES}")
+    check(len(config.eval.zero_shot.templates) > 0 and all("{}" in t for t in config.eval.zero_shot.templates),
+          "eval.zero_shot.templates", "needs at least one template, each with {} for the class text")
+    lp = config.eval.linear_probe
+    if lp.enabled or config.eval.finetune.enabled:
+        check(lp.train_size > 0 and lp.test_size > 0, "eval.linear_probe.train_size",
+              "train_size and test_size must be > 0")
+        check(lp.seed not in (config.data.synthetic.seed, config.data.synthetic.seed - 1), "eval.linear_probe.seed",
+              f"its seeds {lp.seed} and {lp.seed + 1} must differ from the training corpus seed")
     check(config.optim.lr > 0, "optim.lr", "must be > 0")
     check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
-    check(config.optim.schedule_epochs >= config.optim.warmup_epochs, "optim.schedule_epochs",
+    check(config.optim.warmup_steps >= 0 or config.optim.schedule_epochs >= config.optim.warmup_epochs, "optim.schedule_epochs",
           f"cosine horizon {config.optim.schedule_epochs} is shorter than warm-up {config.optim.warmup_epochs}")
     check(config.train.epochs > 0, "train.epochs", "must be > 0")
     check(config.train.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")

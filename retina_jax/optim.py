@@ -4,7 +4,8 @@ AdamW with per-step linear warm-up followed by a cosine decay whose horizon (`sc
 separate from the training length: FLAIR warms up for 1 epoch and decays over a 100-epoch cosine
 while training only 15 epochs, so the learning rate barely decays. Gradients are clipped by global
 norm before AdamW; weight decay applies to every parameter unless a path matches
-`optim.wd_exclude` (FLAIR decays everything, including `logit_scale`).
+`optim.wd_exclude` (FLAIR decays everything, including `logit_scale`; ViLReF excludes biases,
+norms and `logit_scale`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def param_path(path) -> str:
 
 
 def make_schedule(optim_config, steps_per_epoch: int) -> optax.Schedule:
-    warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
+    # ViLReF warms up for a fixed 100 steps (`warmup_steps`); FLAIR for one epoch.
+    warmup = optim_config.warmup_steps if optim_config.warmup_steps >= 0 else \
+        int(round(optim_config.warmup_epochs * steps_per_epoch))
     horizon = max(int(round(optim_config.schedule_epochs * steps_per_epoch)), warmup + 1)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim_config.lr, warmup_steps=warmup, decay_steps=horizon, end_value=0.0)

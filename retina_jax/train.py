@@ -1,7 +1,8 @@
 """THE trainer: mesh, data, state, jitted step, loop, checkpoints and evaluations.
 
-Implements FLAIR pretraining (METHODS.md section 1) as the first method; later methods differ by
-config (towers, loss terms, data streams, momentum state), not by a forked trainer.
+Implements FLAIR pretraining (METHODS.md section 1) and ViLReF (section 4: report stream with
+extracted labels, WSCL, momentum encoders and replicated queues, logit_scale clamp/reset quirks);
+methods differ by config (towers, loss terms, data streams, momentum state), not by a forked trainer.
 
 Sharding (ARCHITECTURE.md): one `jax.jit` with NamedShardings on a mesh from the config. The batch
 is sharded over `data`, parameters and optimizer state are replicated, and the loss is written on
@@ -23,12 +24,12 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from retina_jax import checkpointing, losses, sharding
+from retina_jax import checkpointing, losses, momentum, sharding
 from retina_jax.config import validate
 from retina_jax.data import pipeline
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.evals import metrics as eval_metrics
-from retina_jax.evals import zeroshot
+from retina_jax.evals import multilabel, zeroshot
 from retina_jax.metrics import MetricWriter, Throughput, check_finite
 from retina_jax.models.two_tower import build_model
 from retina_jax.optim import make_optimizer
@@ -51,6 +52,7 @@ class Trainer:
 
         self.global_batch = config.data.batch_size
         self.steps_per_epoch = config.data.synthetic.size // self.global_batch
+        self.num_labels = pipeline.num_labels(config)
         self.total_steps = max(1, int(round(config.train.epochs * self.steps_per_epoch)))
         self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
 
@@ -65,6 +67,8 @@ class Trainer:
         self.encode_text = jax.jit(lambda v, ids, mask: self.model.apply(v, ids, mask, method="encode_text"))
         self.encode_image = jax.jit(lambda v, img: self.model.apply(v, img, method="encode_image"),
                                     out_shardings=self.batch_sharding)
+        self.image_features = jax.jit(lambda v, img: self.model.apply(v, img, method="image_features"),
+                                      out_shardings=self.batch_sharding)
         self.writer = MetricWriter(self.workdir)
         self._stop_signal = None
 
@@ -79,30 +83,53 @@ class Trainer:
         variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, *self._dummy_inputs(), train=False)
         params = variables["params"]
         # A ViT tower has no BatchNorm: batch_stats is then an empty tree.
+        m = self.config.momentum
+        # ALBEF starts the momentum model as an exact copy of the online one.
+        ema_params = jax.tree.map(jnp.copy, params) if m.enabled else {}
+        queues = momentum.init_queues(m.queue_size, self.config.model.embed_dim, self.num_labels) \
+            if m.queue_size else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                          opt_state=self.tx.init(params), rng=jax.random.key_data(state_rng))
+                          opt_state=self.tx.init(params), rng=jax.random.key_data(state_rng), ema_params=ema_params,
+                          queues=queues)
 
     def init_state(self) -> TrainState:
         init = jax.jit(self._init_state, out_shardings=self.state_sharding)
         return init(jax.random.key(self.config.seed))
 
     def restore_or_init(self, mngr, data_iter) -> TrainState:
-        """The resume order of ARCHITECTURE.md: own workdir > config.resume > config.model_init > scratch."""
+        """The resume order of ARCHITECTURE.md: own workdir > config.resume > config.model_init > scratch.
+
+        With `model.logit_scale_reset` (ViLReF's quirk) the temperature then restarts at its initial
+        value, in the online and the momentum parameters, whatever the checkpoint held.
+        """
         if mngr.latest_step() is not None:
             logging.info("resuming from %s step %d", mngr.directory, mngr.latest_step())
-            return checkpointing.restore(mngr, self.abstract_state, data_iter)
-        if self.config.resume:
+            state = checkpointing.restore(mngr, self.abstract_state, data_iter)
+        elif self.config.resume:
             other = checkpointing.manager(self.config.resume, read_only=True)
             logging.info("resuming from config.resume=%s step %s", self.config.resume, other.latest_step())
             state = checkpointing.restore(other, self.abstract_state, data_iter)
             other.close()
-            return state
-        state = self.init_state()
-        if self.config.model_init:
-            params, batch_stats = checkpointing.init_from(self.config.model_init, state.params, state.batch_stats,
-                                                          self.replicated)
-            state = state.replace(params=params, batch_stats=batch_stats)
+        else:
+            state = self.init_state()
+            if self.config.model_init:
+                params, batch_stats = checkpointing.init_from(self.config.model_init, state.params, state.batch_stats,
+                                                              self.replicated)
+                # The momentum model starts as a copy of whatever the online model starts from.
+                ema_params = jax.tree.map(jnp.copy, params) if self.config.momentum.enabled else {}
+                state = state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
+        if self.config.model.logit_scale_reset:
+            state = self._reset_logit_scale(state)
         return state
+
+    def _reset_logit_scale(self, state: TrainState) -> TrainState:
+        # A fresh buffer per tree: the train step donates its state, and one buffer may not be donated twice.
+        init = lambda: jax.device_put(np.float32(self.config.model.logit_scale_init), self.replicated)  # noqa: E731
+        logging.info("logit_scale reset to %.4f (model.logit_scale_reset)", self.config.model.logit_scale_init)
+        replace = {"params": {**state.params, "logit_scale": init()}}
+        if self.config.momentum.enabled:
+            replace["ema_params"] = {**state.ema_params, "logit_scale": init()}
+        return state.replace(**replace)
 
     # ------------------------------------------------------------------------------- step
     def _loss(self, out, batch, logit_scale):
@@ -115,27 +142,67 @@ class Trainer:
             return losses.grouped(fn, self.num_data_shards)(*args, logit_scale=logit_scale)
         return fn(*args, logit_scale, row_sharding=sharding.rows_sharding(self.mesh))
 
+    def _wscl(self, out, batch, logit_scale, state: TrainState, momentum_out):
+        """ViLReF's WSCL with this step's keys (momentum or online features) and the queue."""
+        w, m = self.config.loss.wscl, self.config.momentum
+        kwargs = {}
+        if momentum_out is not None:
+            kwargs.update(momentum_img=momentum_out["zimg"], momentum_txt=momentum_out["ztxt"])
+            if m.key_features == "momentum":
+                kwargs.update(keys_img=momentum_out["zimg"], keys_txt=momentum_out["ztxt"])
+        if m.queue_size:
+            q = state.queues
+            kwargs.update(queue_img=q.img, queue_txt=q.txt, queue_labels=q.labels, queue_valid=q.valid)
+        return losses.wscl_loss(out["zimg"], out["ztxt"], batch["labels"], logit_scale, coupling=w.coupling,
+                                alpha=w.alpha, row_sharding=sharding.rows_sharding(self.mesh), **kwargs)
+
     def _train_step(self, state: TrainState, batch):
+        config = self.config
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # FLAIR clamps logit_scale.data in place before every forward: AdamW then steps from the
-        # clamped value, so the clamp is applied to the stored parameter here, not only inside the loss.
         params = dict(state.params)
-        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
+        if config.model.logit_scale_clamp == "before_forward":
+            # FLAIR clamps logit_scale.data in place before every forward: AdamW then steps from the
+            # clamped value, so the clamp is applied to the stored parameter, not only inside the loss.
+            params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
+
+        ema_params, momentum_out = state.ema_params, None
+        if config.momentum.enabled:
+            # ALBEF order: EMA update from the current online params, then the momentum forward.
+            # Eval mode: no dropout, and the online model's BatchNorm running statistics.
+            ema_params = momentum.ema_update(state.ema_params, params, config.momentum.decay)
+            momentum_out = jax.lax.stop_gradient(self.model.apply(
+                {"params": ema_params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
+                batch["attention_mask"], train=False))
 
         def loss_fn(params):
             out, updates = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
                 batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-            return self._loss(out, batch, params["logit_scale"]), updates.get("batch_stats", {})
+            if config.loss.name == "wscl":
+                loss = self._wscl(out, batch, params["logit_scale"], state, momentum_out)
+            else:
+                loss = self._loss(out, batch, params["logit_scale"])
+            return loss, (updates.get("batch_stats", {}), out)
 
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (batch_stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        if config.model.logit_scale_clamp == "after_step":
+            # ViLReF (Chinese-CLIP) clamps logit_scale.data after every optimizer step.
+            new_params["logit_scale"] = jnp.clip(new_params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
+        queues = state.queues
+        if config.momentum.queue_size:
+            # The whole global batch enters the replicated queue: momentum features when there is a
+            # momentum model, else the online ones (detached).
+            source = momentum_out if momentum_out is not None else out
+            queues = momentum.enqueue(queues, source["zimg"], source["ztxt"], batch["labels"])
         metrics = {"train/loss": loss, "train/lr": self.schedule(state.step),
                    "train/grad_norm": optax.global_norm(grads),
                    "train/logit_scale": jnp.exp(params["logit_scale"])}
-        return state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats,
-                             opt_state=opt_state), metrics
+        if config.momentum.queue_size:
+            metrics["train/queue_fill"] = jnp.mean(queues.valid.astype(jnp.float32))
+        return state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats, opt_state=opt_state,
+                             ema_params=ema_params, queues=queues), metrics
 
     # ------------------------------------------------------------------------------- loop
     def _on_sigterm(self, signum, frame):
@@ -148,6 +215,9 @@ class Trainer:
         mngr = checkpointing.manager(checkpointing.checkpoint_dir(self.workdir), max_to_keep=config.train.max_to_keep,
                                      async_save=config.train.async_checkpoint)
         data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize))
+        extractor = pipeline.label_extractor(config)
+        if extractor is not None and jax.process_index() == 0:
+            self.label_coverage = pipeline.log_label_coverage(config, extractor)
         state = self.restore_or_init(mngr, data_iter)
         start = int(jax.device_get(state.step))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -219,35 +289,89 @@ class Trainer:
         finally:
             mngr.close()
 
+    def _gather(self, fn, variables, batches):
+        """Run `fn(variables, images)` over held-out batches; every process gets all valid rows."""
+        outputs, labels = [], []
+        for images, y, valid in batches:
+            out = fn(variables, jax.make_array_from_process_local_data(self.batch_sharding, images))
+            out, y, valid = (multihost_utils.process_allgather(a, tiled=True) if jax.process_count() > 1
+                             else np.asarray(a) for a in (out, y, valid))
+            outputs.append(np.asarray(out)[valid])
+            labels.append(np.asarray(y)[valid])
+        return np.concatenate(outputs), np.concatenate(labels)
+
     def evaluate(self, state: TrainState, step: int) -> dict:
-        """Zero-shot on the held-out synthetic task; writes eval/<task>/<metric> and a JSON report."""
+        """Zero-shot on the held-out synthetic task and, when enabled, ViLReF's multi-label linear probe
+        and fine-tuning; writes eval/<task>/<metric> and a JSON report per task."""
+        result = self._zero_shot(state, step)
+        if self.config.eval.linear_probe.enabled or self.config.eval.finetune.enabled:
+            result.update(self._multilabel(state, step))
+        return result
+
+    def _report(self, name: str, step: int, result: dict, **extra):
+        self.writer.write(step, {f"eval/{name}/{k}": v for k, v in result.items()})
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, f"eval_{name}.json"), "w") as f:
+                json.dump({"task": name, "step": step, **extra, **result}, f, indent=2)
+            logging.info("%s at step %d: %s", name, step,
+                         " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+
+    def _zero_shot(self, state: TrainState, step: int) -> dict:
         z = self.config.eval.zero_shot
         t0 = time.time()
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         protos = zeroshot.class_prototypes(lambda ids, mask: self.encode_text(variables, ids, mask), self.tokenize,
-                                           list(z.classes), z.template)
-        embeddings, labels = [], []
-        for images, y, valid in pipeline.heldout_batches(self.config, self.config.eval.batch_size):
-            zimg = self.encode_image(variables, jax.make_array_from_process_local_data(self.batch_sharding, images))
-            zimg, y, valid = (multihost_utils.process_allgather(a, tiled=True) if jax.process_count() > 1
-                              else np.asarray(a) for a in (zimg, y, valid))
-            embeddings.append(np.asarray(zimg)[valid])
-            labels.append(np.asarray(y)[valid])
+                                           list(z.classes), z.templates, language=z.language)
+        embeddings, labels = self._gather(self.encode_image, variables,
+                                          pipeline.heldout_batches(self.config, self.config.eval.batch_size))
         scale = float(np.exp(np.clip(jax.device_get(state.params["logit_scale"]), 0.0, losses.LOGIT_SCALE_MAX)))
-        probs = zeroshot.zero_shot_probs(np.concatenate(embeddings), protos, scale)
-        labels = np.concatenate(labels)
-        result = eval_metrics.classification_metrics(labels, probs)
+        result = eval_metrics.classification_metrics(labels, zeroshot.zero_shot_probs(embeddings, protos, scale))
         result["num_examples"] = int(len(labels))
         result["num_classes"] = len(z.classes)
-        self.writer.write(step, {f"eval/{z.name}/{k}": v for k, v in result.items()})
-        if jax.process_index() == 0:
-            report = {"task": z.name, "step": step, "classes": list(z.classes), "seed": z.seed, **result,
-                      "seconds": time.time() - t0}
-            with open(os.path.join(self.workdir, f"eval_{z.name}.json"), "w") as f:
-                json.dump(report, f, indent=2)
-            logging.info("zero-shot %s at step %d: %s", z.name, step,
-                         " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        self._report(z.name, step, result, classes=list(z.classes), seed=z.seed, language=z.language,
+                     templates=list(z.templates), seconds=time.time() - t0)
         return result
+
+    def _multilabel(self, state: TrainState, step: int) -> dict:
+        """Sigmoid heads on the pre-projection image feature over the synthetic findings (macro AUC,
+        mAP). JAX arrays are immutable and nothing here is donated, so the pretraining state is never
+        touched: fine-tuning always trains a copy (the original fine-tunes the model in place)."""
+        config, out = self.config, {}
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        label = lambda example: example["labels"]  # noqa: E731
+        data = {}
+        for split in ("train", "test"):
+            batches = pipeline.heldout_batches(config, config.eval.batch_size, pipeline.multilabel_source(config, split),
+                                               label)
+            if config.eval.finetune.enabled:
+                batches = list(batches)  # fine-tuning needs the images themselves
+                data[split + "_images"] = np.concatenate([b[0][b[2]] for b in batches])
+            data[split] = self._gather(self.image_features, variables, batches)
+        if config.eval.linear_probe.enabled:
+            lp = config.eval.linear_probe
+            t0 = time.time()
+            result = multilabel.linear_probe(*data["train"], *data["test"], l2=lp.l2, steps=lp.steps, lr=lp.lr,
+                                             seed=config.seed)
+            self._report("multilabel_linear_probe", step, result, seconds=time.time() - t0)
+            out.update({f"linear_probe/{k}": v for k, v in result.items()})
+        if config.eval.finetune.enabled:
+            ft = config.eval.finetune
+            t0 = time.time()
+            tower = {"params": state.params["img"], "batch_stats": state.batch_stats.get("img", {})}
+            result = multilabel.finetune(
+                self._tower_features, tower, data["train_images"], data["train"][1], data["test_images"],
+                data["test"][1], feature_dim=data["train"][0].shape[1], steps=ft.steps, batch_size=ft.batch_size,
+                lr=ft.lr, weight_decay=ft.weight_decay, seed=config.seed)
+            self._report("multilabel_finetune", step, result, seconds=time.time() - t0)
+            out.update({f"finetune/{k}": v for k, v in result.items()})
+        return out
+
+    def _tower_features(self, variables, images, train: bool):
+        """(pre-projection features, new BatchNorm statistics or None) of the image tower alone."""
+        if not train:
+            return self.model.img.apply(variables, images, train=False), None
+        features, updates = self.model.img.apply(variables, images, train=True, mutable=["batch_stats"])
+        return features, updates.get("batch_stats", {})
 
 
 def _progress(enabled: bool, start: int, total: int):

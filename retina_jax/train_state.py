@@ -1,7 +1,9 @@
 """The train state: everything a checkpoint must hold to continue a run exactly.
 
-Later methods add fields (ViLReF's EMA params and queues) with the same discipline: every field is
-a pytree leaf updated inside the jitted step, saved and restored with the rest.
+Every field is a pytree updated inside the jitted step and saved and restored with the rest.
+ViLReF's momentum encoders and queues (METHODS.md section 4) live here too: `ema_params` has the
+tree (and shardings) of `params`, `queues` the replicated `momentum.Queues`; both are empty trees
+(`{}`) for methods without them.
 """
 from __future__ import annotations
 
@@ -17,3 +19,5 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any  # BatchNorm running statistics of the image tower
     opt_state: Any
     rng: jax.Array  # base key; the step's key is fold_in(rng, step), so a resume redraws identically
+    ema_params: Any = flax.struct.field(default_factory=dict)  # momentum (EMA) copy of params, or {}
+    queues: Any = flax.struct.field(default_factory=dict)  # momentum.Queues, or {}

@@ -6,6 +6,8 @@
   findings it draws (core findings always, optional ones sometimes).
 * ``CATEGORY_DESCRIPTIONS``: FLAIR's "domain knowledge" dictionary, category -> 1..6 expert
   descriptions, loaded from ``knowledge/flair_descriptions.json``.
+* ``CATEGORY_DESCRIPTIONS_ZH``: per condition, its Chinese name followed by Chinese expert
+  descriptions (``knowledge/category_descriptions_zh.json``), for Chinese zero-shot prompts (ViLReF).
 * Fixed synonym sets per finding and fixed negation cues, per language, so that a rule-based label
   extractor can recover the labels from the generated reports.
 """
@@ -114,20 +116,27 @@ DR_GRADE_NAMES_ZH: tuple[str, ...] = (
 _DESCRIPTIONS_PATH = os.path.join(os.path.dirname(__file__), 'knowledge', 'flair_descriptions.json')
 
 
-def _load_descriptions() -> dict[str, list[str]]:
-    with open(_DESCRIPTIONS_PATH, encoding='utf-8') as f:
+_DESCRIPTIONS_ZH_PATH = os.path.join(os.path.dirname(__file__), 'knowledge', 'category_descriptions_zh.json')
+
+
+def _load_descriptions(path: str) -> dict[str, list[str]]:
+    with open(path, encoding='utf-8') as f:
         data = json.load(f)
     for name, descs in data.items():
         if not isinstance(descs, list) or not 1 <= len(descs) <= 6 or not all(isinstance(d, str) and d for d in descs):
-            raise ValueError(f'{_DESCRIPTIONS_PATH}: category {name!r} needs 1..6 non-empty descriptions')
+            raise ValueError(f'{path}: category {name!r} needs 1..6 non-empty descriptions')
     return data
 
 
-CATEGORY_DESCRIPTIONS: dict[str, list[str]] = _load_descriptions()
+CATEGORY_DESCRIPTIONS: dict[str, list[str]] = _load_descriptions(_DESCRIPTIONS_PATH)
+CATEGORY_DESCRIPTIONS_ZH: dict[str, list[str]] = _load_descriptions(_DESCRIPTIONS_ZH_PATH)
 
 _missing = (set(CONDITIONS) | set(DR_GRADE_CATEGORIES) | set(FINDINGS)) - set(CATEGORY_DESCRIPTIONS)
 if _missing:
     raise ValueError(f'{_DESCRIPTIONS_PATH} lacks categories {sorted(_missing)}')
+_missing = set(CONDITIONS) - set(CATEGORY_DESCRIPTIONS_ZH)
+if _missing:
+    raise ValueError(f'{_DESCRIPTIONS_ZH_PATH} lacks conditions {sorted(_missing)}')
 
 
 def category_vocabulary() -> list[str]:

@@ -1,4 +1,5 @@
-"""grain input pipelines: the FLAIR categorical stream (METHODS.md section 1) and held-out eval sets.
+"""grain input pipelines: the FLAIR categorical stream (METHODS.md section 1), ViLReF's report
+stream (section 4) and held-out eval sets.
 
 Training stream: source -> this process's shard -> shuffle -> per-example FLAIR transform (image
 preprocessing and augmentation, prompt "A [ATR] fundus photograph of [CLS]" with the category
@@ -6,6 +7,10 @@ sampled from the example's list and optionally swapped for one of its expert des
 repeat with per-epoch reseeding -> batch (tokenised per batch) -> iterator. Every random choice is
 drawn from grain's per-index generator, so a pipeline position reproduces the same batch, and the
 iterator state saved with a checkpoint resumes the exact data position.
+
+The report stream (`data.stream='reports'`) yields the image (ViLReF's augmentations), its report in
+`data.reports.language` (optionally without its first `drop_chars` characters) and the multi-hot
+finding labels the expert-knowledge extractor reads off that report.
 
 Each process builds its local slice of the global batch; `make_global` assembles the global
 `jax.Array` sharded over the mesh's `data` axis.
@@ -21,7 +26,10 @@ import grain
 import jax
 import numpy as np
 
+from absl import logging
+
 from retina_jax.data import knowledge, transforms
+from retina_jax.data.labels import LabelExtractor, log_coverage
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.data.tokenizer import Tokenize, learn_wordpiece
 
@@ -50,15 +58,22 @@ def heldout_source(config) -> SyntheticFundus:
 
 
 def vocabulary_texts(config) -> list[str]:
-    """Texts a learned vocabulary must cover: every prompt word, description, attribute and report."""
+    """Texts a learned vocabulary must cover: every prompt word, description, attribute, report and
+    zero-shot template (Chinese texts too when the run trains on Chinese reports)."""
     texts = [make_prompt(config.data.prompt_template, atr, "") for atr in ("",) + knowledge.ATTRIBUTES]
+    texts += [t.format("") for t in config.eval.zero_shot.templates]
     for name, descriptions in knowledge.CATEGORY_DESCRIPTIONS.items():
         texts.append(name)
         texts.extend(descriptions)
+    chinese = config.data.stream == "reports" and config.data.reports.language == "zh"
+    if chinese or config.eval.zero_shot.language == "zh":
+        texts += [d for descriptions in knowledge.CATEGORY_DESCRIPTIONS_ZH.values() for d in descriptions]
     source = synthetic_source(config)
     for i in range(min(config.text.vocab_corpus_size, len(source))):
         record = source.record(i)
         texts.append(record["report_en"])
+        if chinese:
+            texts.append(record["report_zh"])
         if record["caption"]:
             texts.append(record["caption"])
     return texts
@@ -82,6 +97,16 @@ def _sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+def _augmented_image(image: np.ndarray, rng: np.random.Generator, image_size: int, preprocess: str, augment):
+    """Source uint8 image -> the float32 model input with the configured augmentation (or none)."""
+    if augment is not None:
+        image = transforms.augment_source(image, rng, augment)
+    canvas = transforms.to_canvas(image, image_size, preprocess)
+    if augment is not None:
+        canvas = transforms.augment(canvas, rng, augment)
+    return transforms.normalize(canvas, preprocess)
+
+
 @dataclasses.dataclass
 class FlairTransform:
     """Example -> {'image', 'prompt', 'category_id'}; picklable for grain worker processes."""
@@ -96,10 +121,7 @@ class FlairTransform:
         self._augment = types.SimpleNamespace(**self.augment) if self.augment else None
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-        image = transforms.to_canvas(example["image"], self.image_size, self.preprocess)
-        if self._augment is not None:
-            image = transforms.augment(image, rng, self._augment)
-        image = transforms.normalize(image, self.preprocess)
+        image = _augmented_image(example["image"], rng, self.image_size, self.preprocess, self._augment)
         categories, atributes = example["categories"], example["atributes"]
         if not categories:
             raise ValueError(f"example {example.get('index')} has no category")
@@ -116,16 +138,48 @@ class FlairTransform:
                 "category_id": np.int32(self._category_index[category])}
 
 
+def report_text(example: dict, language: str, drop_chars: int) -> str:
+    """The report a ViLReF example is paired with; an empty one is an error naming the example."""
+    text = example[f"report_{language}"][drop_chars:].strip()
+    if not text:
+        raise ValueError(f"example {example.get('index')}: empty {language} report"
+                         + (f" after dropping its first {drop_chars} characters" if drop_chars else ""))
+    return text
+
+
+@dataclasses.dataclass
+class ReportTransform:
+    """Example -> {'image', 'prompt' (the report), 'labels' [C]}; picklable for grain worker processes."""
+    image_size: int
+    preprocess: str
+    augment: dict | None
+    language: str
+    drop_chars: int
+    extractor: LabelExtractor | None  # None: the example's own ground-truth labels
+
+    def __post_init__(self):
+        self._augment = types.SimpleNamespace(**self.augment) if self.augment else None
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        image = _augmented_image(example["image"], rng, self.image_size, self.preprocess, self._augment)
+        text = report_text(example, self.language, self.drop_chars)
+        # ViLReF labels the FULL report (the extractor needs no prefix dropped).
+        labels = example["labels"] if self.extractor is None else self.extractor.extract(example[f"report_{self.language}"])
+        return {"image": image, "prompt": text, "labels": np.asarray(labels, np.float32)}
+
+
 @dataclasses.dataclass
 class Collate:
-    """Stack a list of examples and tokenise their prompts in one call."""
+    """Stack a list of examples and tokenise their texts in one call."""
     tokenize: Tokenize
 
     def __call__(self, examples: list[dict]) -> dict:
         ids, mask = self.tokenize([e["prompt"] for e in examples])
-        return {"image": np.stack([e["image"] for e in examples]),
-                "input_ids": ids, "attention_mask": mask,
-                "category_id": np.stack([e["category_id"] for e in examples])}
+        batch = {"image": np.stack([e["image"] for e in examples]), "input_ids": ids, "attention_mask": mask}
+        for key in ("category_id", "labels"):
+            if key in examples[0]:
+                batch[key] = np.stack([e[key] for e in examples])
+        return batch
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -134,14 +188,42 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
+def label_extractor(config) -> LabelExtractor | None:
+    """The report stream's label extractor (None when the corpus's own labels are used)."""
+    if config.data.stream != "reports" or config.data.reports.labels != "extract":
+        return None
+    return LabelExtractor.load(config.data.reports.language)
+
+
+def num_labels(config) -> int:
+    """C, the length of the report stream's multi-hot label vectors."""
+    extractor = label_extractor(config)
+    return len(extractor.classes) if extractor is not None else len(knowledge.FINDINGS)
+
+
+def log_label_coverage(config, extractor: LabelExtractor) -> dict:
+    """Run the extractor over the first `coverage_size` reports and log how many got no label."""
+    source = synthetic_source(config)
+    n = min(config.data.reports.coverage_size, len(source))
+    stats = extractor.coverage([source.record(i)[f"report_{config.data.reports.language}"] for i in range(n)])
+    logging.info("%s", log_coverage(stats, config.data.reports.language))
+    return stats
+
+
 def train_dataset(config, tokenize: Tokenize) -> grain.IterDataset:
     source = synthetic_source(config)
     ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
     if config.data.shuffle:
         ds = ds.shuffle(seed=config.seed)
     augment = config.data.augment.to_dict() if config.data.augment.enabled else None
-    ds = ds.random_map(FlairTransform(config.data.image_size, config.data.preprocess, augment, config.data.prompt_template,
-                                      config.data.description_swap), seed=config.seed)
+    if config.data.stream == "reports":
+        r = config.data.reports
+        transform = ReportTransform(config.data.image_size, config.data.preprocess, augment, r.language, r.drop_chars,
+                                    label_extractor(config))
+    else:
+        transform = FlairTransform(config.data.image_size, config.data.preprocess, augment, config.data.prompt_template,
+                                   config.data.description_swap)
+    ds = ds.random_map(transform, seed=config.seed)
     ds = ds.repeat(None)
     ds = ds.batch(local_batch_size(config.data.batch_size), drop_remainder=True, batch_fn=Collate(tokenize))
     it = ds.to_iter_dataset()
@@ -156,25 +238,40 @@ def make_global(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def heldout_batches(config, batch_size: int):
-    """Yield (images [b, S, S, 3] float32, labels [b], valid [b]) of the held-out task for this process.
+def multilabel_source(config, split: str) -> SyntheticFundus:
+    """Held-out images with their ground-truth finding labels for ViLReF's multi-label transfer:
+    split 'train' (seed `eval.linear_probe.seed`) trains the head, 'test' (the next seed) tests it."""
+    lp = config.eval.linear_probe
+    seed, size = {"train": (lp.seed, lp.train_size), "test": (lp.seed + 1, lp.test_size)}[split]
+    return SyntheticFundus(CorpusSpec(
+        seed=seed, size=size, image_size=config.data.synthetic.image_size,
+        comorbidity_prob=config.data.synthetic.comorbidity_prob, expert_fraction=0.0,
+        difficulty=config.data.synthetic.difficulty))
 
-    Every process yields the same number of batches; the last one is zero-padded to `batch_size`
-    and `valid` marks the real rows.
+
+def heldout_batches(config, batch_size: int, source: SyntheticFundus | None = None, label=None):
+    """Yield (images [b, S, S, 3] float32, labels [b, ...], valid [b]) of a held-out set for this process.
+
+    Default: the zero-shot task, labelled by its condition's class index; `label(example)` gives
+    other labels (the multi-label findings). Every process yields the same number of batches; the
+    last one is zero-padded to `batch_size` and `valid` marks the real rows.
     """
-    source = heldout_source(config)
-    classes = list(config.eval.zero_shot.classes)
+    if source is None:
+        source = heldout_source(config)
+        classes = list(config.eval.zero_shot.classes)
+        label = lambda example: classes.index(example["conditions"][0])  # noqa: E731
     indices = np.arange(len(source))[jax.process_index()::jax.process_count()]
     local = local_batch_size(batch_size)
     num_batches = -(-len(source) // batch_size)
+    label_shape = np.shape(label(source.record(0)))  # no rendering
     for b in range(num_batches):
         chunk = indices[b * local:(b + 1) * local]
         images = np.zeros((local, config.data.image_size, config.data.image_size, 3), np.float32)
-        labels = np.zeros((local,), np.int32)
+        labels = np.zeros((local, *label_shape), np.int32)
         valid = np.zeros((local,), bool)
         for row, i in enumerate(chunk):
             example = source[int(i)]
             images[row] = transforms.preprocess(example["image"], config.data.image_size, config.data.preprocess)
-            labels[row] = classes.index(example["conditions"][0])
+            labels[row] = label(example)
             valid[row] = True
         yield images, labels, valid

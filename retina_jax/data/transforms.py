@@ -9,6 +9,10 @@ with kornia per batch; here they run per example in the grain workers, drawn fro
 own generator so a pipeline position always reproduces the same augmentation.
 - 'clip': resize to a square (bicubic, as Chinese-CLIP's `Resize((S, S), BICUBIC)`), then CLIP's
   mean/std normalisation; augmentation runs before the normalisation, in [0, 1].
+
+`config.data.augment.kind` picks the augmentation recipe: 'flair' (above) or 'vilref' (section 4):
+torchvision's RandomResizedCrop(S, scale 0.9-1, ratio 3/4-4/3) on the source image, a horizontal
+flip and colour jitter 0.1 (brightness, contrast and saturation factors in [0.9, 1.1]).
 """
 from __future__ import annotations
 
@@ -66,8 +70,41 @@ def preprocess(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     return normalize(to_canvas(image, size, mode), mode)
 
 
+AUGMENT_KINDS = ("flair", "vilref")
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop.get_params: (top, left, h, w) covering `scale` of the area with
+    an aspect ratio log-uniform in `ratio`; 10 tries, then a centre crop clamped to `ratio`."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w, h = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_source(image: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
+    """The augmentation applied to the source uint8 image before resizing: ViLReF's random resized
+    crop (the resize to the canvas follows); FLAIR's recipe has none."""
+    if cfg.kind != "vilref":
+        return image
+    top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng, cfg.crop_scale)
+    return image[top:top + h, left:left + w]
+
+
 def augment(image: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
-    """FLAIR's augmentations on a float32 [S, S, 3] image in [0, 1]; `cfg` is `config.data.augment`."""
+    """Flip, affine and colour jitter on a float32 [S, S, 3] image in [0, 1]; `cfg` is `config.data.augment`."""
     if rng.random() < cfg.hflip_p:
         image = image[:, ::-1]
     if rng.random() < cfg.affine_p:
@@ -81,6 +118,11 @@ def augment(image: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
         # Contrast around the image mean, as torchvision/kornia adjust_contrast (grey-level mean).
         mean = image.mean()
         image = (image - mean) * contrast + mean
+        if cfg.saturation > 0:
+            # torchvision adjust_saturation: blend with the ITU-R 601 grey image.
+            saturation = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+            grey = image @ np.array([0.299, 0.587, 0.114], np.float32)
+            image = (image - grey[..., None]) * saturation + grey[..., None]
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 

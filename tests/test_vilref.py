@@ -1,0 +1,303 @@
+"""ViLReF in the trainer (METHODS.md section 4): paper config, report stream with extracted labels,
+Chinese tokenisation, the drop-first-characters and logit_scale switches, ViLReF augmentation,
+momentum encoders and queues in the jitted step, exact resume after a crash, and the evaluations."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from test_train import REPO, assert_trees_equal, leaves
+
+from retina_jax import checkpointing, config as config_lib, losses, optim
+from retina_jax.config import ConfigError, validate
+from retina_jax.data import knowledge, pipeline, transforms
+from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
+from retina_jax.data.tokenizer import Tokenize
+from retina_jax.evals import zeroshot
+from retina_jax.metrics import read as read_metrics
+from retina_jax.models.two_tower import build_model
+from retina_jax.train import Trainer
+
+VILREF = os.path.join(REPO, "configs", "vilref.py")
+
+# 32 px, batch 16, 12 steps, queue of 2 batches (so it wraps), checkpoints every 4.
+TINY = {
+    "data.batch_size": 16,
+    "data.image_size": 32,
+    "data.synthetic.image_size": 32,
+    "data.synthetic.size": 64,
+    "data.worker_count": 0,
+    "data.reports.coverage_size": 64,
+    "text.vocab_corpus_size": 60,
+    "text.max_len": 48,
+    "momentum.queue_size": 32,
+    "train.epochs": 3.0,
+    "optim.schedule_epochs": 3.0,
+    "optim.warmup_steps": 2,
+    "train.log_every": 1,
+    "train.checkpoint_every": 4,
+    "train.progress": False,
+    "train.async_checkpoint": False,
+    "eval.batch_size": 32,
+    "eval.zero_shot.size": 48,
+    "eval.linear_probe.train_size": 64,
+    "eval.linear_probe.test_size": 48,
+    "eval.linear_probe.steps": 50,
+    "eval.finetune.enabled": True,
+    "eval.finetune.steps": 3,
+    "eval.finetune.batch_size": 16,
+}
+
+
+def tiny_vilref(**extra):
+    return config_lib.override(config_lib.load(VILREF + ":demo"), {**TINY, **extra})
+
+
+@pytest.fixture(scope="module")
+def vilref_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("vilref"))
+    # logit_scale_reset off: a resume must then continue EXACTLY (the reset has its own test).
+    trainer = Trainer(tiny_vilref(**{"model.logit_scale_reset": False}), workdir)
+    params_before_eval = None
+
+    evaluate = trainer.evaluate
+
+    def evaluate_and_keep(state, step):
+        nonlocal params_before_eval
+        params_before_eval = leaves(state.params)
+        return evaluate(state, step)
+
+    trainer.evaluate = evaluate_and_keep
+    result = trainer.train()
+    return trainer, result, workdir, params_before_eval
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def test_paper_config_has_vilref_settings():
+    c = config_lib.load(VILREF)
+    assert (c.data.batch_size, c.data.image_size, c.text.max_len) == (256, 224, 100)
+    assert (c.momentum.queue_size, c.momentum.decay, c.momentum.key_features) == (65_536, 0.995, "momentum")
+    assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (3e-5, 0.9, 0.98, 1e-6, 0.001)
+    assert (c.optim.warmup_steps, c.optim.schedule_epochs, c.train.epochs) == (100, 20.0, 20.0)
+    assert (c.model.img.name, c.model.img.vit.patch_size, c.model.img.vit.width, c.model.img.vit.layers) == \
+        ("vit", 16, 768, 12)
+    assert (c.model.txt.pooling, c.model.txt.add_pooler, c.model.img_projection, c.model.txt_projection) == \
+        ("cls", False, "linear", "linear")
+    assert (c.data.preprocess, c.data.augment.kind, tuple(c.data.augment.crop_scale)) == ("clip", "vilref", (0.9, 1.0))
+    assert (c.model.logit_scale_clamp, c.model.logit_scale_reset, c.data.reports.drop_chars) == \
+        ("after_step", True, 0)
+    assert (c.data.stream, c.data.reports.language, c.loss.name) == ("reports", "zh", "wscl")
+    validate(c, 8)
+    # The full-size model (Chinese RoBERTa's vocabulary): ViT-B/16 768 -> 512 and RoBERTa 768 -> 512.
+    model = build_model(c.model, 21_128, c.data.image_size)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *[np.zeros(s, t) for s, t in (
+        ((1, 224, 224, 3), np.float32), ((1, 100), np.int32), ((1, 100), np.int32))]))["params"]
+    assert shapes["img_proj"]["proj"]["kernel"].shape == (768, 512)
+    assert shapes["txt_proj"]["proj"]["kernel"].shape == (768, 512)
+    assert shapes["img"]["positional_embedding"].shape == (197, 768)
+    assert "pooler" not in shapes["txt"]["bert"]
+
+    rn50 = config_lib.load(VILREF + ":rn50")
+    assert (rn50.model.img.name, rn50.model.embed_dim, rn50.model.img_projection) == ("clip_resnet", 1024, "none")
+    validate(rn50, 8)
+
+
+def test_weight_decay_excludes_biases_norms_1d_params_and_logit_scale():
+    c = config_lib.load(VILREF + ":demo")
+    model = build_model(c.model, 100, 32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+                                               np.zeros((1, 8), np.int32), np.ones((1, 8), np.int32)))["params"]
+    mask = optim.weight_decay_mask(params, c.optim.wd_exclude)
+    decayed = {}
+    jax.tree_util.tree_map_with_path(lambda p, m, a: decayed.setdefault(optim.param_path(p), (m, a.ndim)), mask, params)
+    for path, (m, ndim) in decayed.items():
+        # Chinese-CLIP: p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in the name -> no decay.
+        expect_excluded = ndim < 2 or "bias" in path or "logit_scale" in path or "/bn" in path or "/ln" in path
+        assert m == (not expect_excluded), path
+    assert decayed["img/conv1/kernel"][0] and not decayed["logit_scale"][0]
+
+
+def test_validate_names_vilref_fields():
+    c = tiny_vilref(**{"momentum.queue_size": 40})
+    with pytest.raises(ConfigError, match=r"momentum.queue_size: queue size 40 must be a positive multiple"):
+        validate(c, 8)
+    c = tiny_vilref(**{"loss.name": "flair"})
+    with pytest.raises(ConfigError, match=r"loss.name: 'flair' needs the category ids"):
+        validate(c, 8)
+    c = tiny_vilref(**{"momentum.enabled": False})
+    with pytest.raises(ConfigError, match=r"momentum.key_features: 'momentum' keys need momentum.enabled"):
+        validate(c, 8)
+    c = tiny_vilref(**{"data.reports.language": "fr", "loss.wscl.coupling": "product"})
+    with pytest.raises(ConfigError) as e:
+        validate(c, 8)
+    assert "data.reports.language" in str(e.value) and "loss.wscl.coupling" in str(e.value)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+def test_report_stream_labels_are_the_extracted_ones_and_equal_the_ground_truth():
+    config = tiny_vilref()
+    source = pipeline.synthetic_source(config)
+    transform = pipeline.ReportTransform(32, "clip", None, "zh", 0, pipeline.label_extractor(config))
+    for i in range(40):
+        example = source[i]
+        out = transform(example, np.random.default_rng(i))
+        np.testing.assert_array_equal(out["labels"], example["labels"].astype(np.float32))
+        assert out["prompt"] == example["report_zh"]
+        assert out["image"].shape == (32, 32, 3)
+    assert pipeline.num_labels(config) == len(knowledge.FINDINGS)
+
+
+def test_drop_first_characters_switch():
+    example = {"index": 7, "report_zh": "右眼：后极部可见微血管瘤。", "report_en": "Right eye: drusen."}
+    assert pipeline.report_text(example, "zh", 0) == "右眼：后极部可见微血管瘤。"  # default: off
+    assert pipeline.report_text(example, "zh", 3) == "后极部可见微血管瘤。"  # ViLReF's original
+    with pytest.raises(ValueError, match="example 7: empty zh report after dropping its first 3 characters"):
+        pipeline.report_text({"index": 7, "report_zh": "右眼："}, "zh", 3)
+    with pytest.raises(ValueError, match="example 3: empty en report"):
+        pipeline.report_text({"index": 3, "report_en": "  "}, "en", 0)
+
+
+def test_chinese_reports_tokenise_one_character_per_token(vilref_run):
+    trainer, *_ = vilref_run
+    tok = trainer.tokenize.tokenizer
+    text = "后极部可见微血管瘤，四个象限可见视网膜出血"
+    tokens = tok.encode(text).tokens
+    content = [t for t in tokens if t not in ("[CLS]", "[SEP]", "[PAD]")]
+    assert content == [c for c in text]
+    assert "[UNK]" not in tok.encode(SyntheticFundus(CorpusSpec(seed=5, size=3)).record(2)["report_zh"]).tokens
+    assert trainer.tokenize.max_len == 48
+
+
+def test_vilref_augmentation_crops_scale_and_ratio_and_is_reproducible():
+    cfg = config_lib.load(VILREF + ":demo").data.augment
+    for seed in range(50):
+        top, left, h, w = transforms.random_resized_crop_box(300, 400, np.random.default_rng(seed), (0.9, 1.0))
+        assert 0.9 * 120_000 - 800 <= h * w <= 120_000 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+        assert 0 <= top <= 300 - h and 0 <= left <= 400 - w
+    image = SyntheticFundus(CorpusSpec(size=1, image_size=64))[0]["image"]
+    a = pipeline._augmented_image(image, np.random.default_rng(3), 48, "clip", cfg)
+    b = pipeline._augmented_image(image, np.random.default_rng(3), 48, "clip", cfg)
+    c = pipeline._augmented_image(image, np.random.default_rng(4), 48, "clip", cfg)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (48, 48, 3) and np.abs(a - c).max() > 0.05
+
+
+def test_zero_shot_prompt_ensembles_in_chinese_and_english():
+    zh = zeroshot.class_prompts(["normal", "glaucoma"], ("诊断：{}。", "{}"), language="zh")
+    assert zh[1][:2] == ["诊断：青光眼。", "诊断：视杯扩大。"] and "青光眼" in zh[1]
+    assert len(zh[1]) == 2 * len(knowledge.CATEGORY_DESCRIPTIONS_ZH["glaucoma"])
+    en = zeroshot.class_prompts(["glaucoma"], ("Diagnosis: {}.",), language="en")
+    assert en[0][0] == "Diagnosis: glaucoma." and len(en[0]) == 1 + len(knowledge.CATEGORY_DESCRIPTIONS["glaucoma"])
+    with pytest.raises(ValueError, match="language 'fr'"):
+        zeroshot.class_prompts(["glaucoma"], "{}", language="fr")
+
+
+# ------------------------------------------------------------------------------------------- train
+
+def test_vilref_run_fills_and_wraps_the_queue_and_reports_every_evaluation(vilref_run):
+    trainer, result, workdir, params_before_eval = vilref_run
+    rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # Queue of 32 = 2 global batches: half full after step 1, full from step 2 on.
+    assert [r["train/queue_fill"] for r in rows[:3]] == [0.5, 1.0, 1.0]
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
+    state = trainer.state
+    q = jax.device_get(state.queues)
+    assert int(q.ptr) == (12 * 16) % 32 and q.valid.all()
+    # The queue holds unit-norm momentum features and 0/1 labels of the last two batches.
+    np.testing.assert_allclose(np.linalg.norm(q.img, axis=1), 1.0, rtol=1e-5)
+    assert set(np.unique(q.labels)) <= {0.0, 1.0} and q.labels.sum(axis=1).min() >= 1
+    # The EMA params have the params' tree and moved away from them (and from their init).
+    assert jax.tree.structure(state.ema_params) == jax.tree.structure(state.params)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(leaves(state.ema_params), leaves(state.params)))
+    assert diff > 1e-6
+    # logit_scale is clamped after each step (it stays in [0, ln 100]).
+    assert 0.0 <= float(state.params["logit_scale"]) <= losses.LOGIT_SCALE_MAX
+    # Every evaluation ran: Chinese zero-shot, multi-label linear probe and fine-tuning ...
+    for key in ("aca", "auc", "linear_probe/macro_auc", "linear_probe/map", "finetune/macro_auc", "finetune/map"):
+        assert np.isfinite(result[key]), key
+    assert result["num_classes"] == 6 and result["linear_probe/num_examples"] == 48
+    for name in ("synthetic_conditions", "multilabel_linear_probe", "multilabel_finetune"):
+        assert os.path.isfile(os.path.join(workdir, f"eval_{name}.json"))
+    # ... on a copy: the pretraining params are bit-identical after fine-tuning and still usable.
+    for a, b in zip(params_before_eval, leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    # The extractor's coverage of the training reports was measured and logged.
+    assert trainer.label_coverage["reports"] == 64 and trainer.label_coverage["unlabelled"] == 0
+
+
+def test_crashed_run_resumes_with_identical_ema_queues_and_pointer(vilref_run, tmp_path):
+    reference, _, _, _ = vilref_run
+    workdir = str(tmp_path / "crashed")
+    config = tiny_vilref(**{"model.logit_scale_reset": False, "eval.at_end": False})
+    crashing = Trainer(config, workdir)
+    step = crashing.train_step
+
+    def crash_at_step_6(state, batch):
+        if int(jax.device_get(state.step)) == 6:
+            raise KeyboardInterrupt("simulated crash: no handler saves anything")
+        return step(state, batch)
+
+    crashing.train_step = crash_at_step_6
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    assert mngr.latest_step() == 4
+    mngr.close()
+
+    resumed = Trainer(config, workdir)
+    resumed.train()
+    for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
+        assert_trees_equal(getattr(resumed.state, field), getattr(reference.state, field))
+    assert int(resumed.state.queues.ptr) == int(reference.state.queues.ptr)
+    assert resumed.data_iter.get_state() == reference.data_iter.get_state()
+
+
+def test_logit_scale_reset_at_every_run_start_including_resumes(vilref_run, tmp_path):
+    reference, _, workdir, _ = vilref_run
+    stored = float(reference.state.params["logit_scale"])
+    init = config_lib.load(VILREF).model.logit_scale_init
+    assert abs(stored - init) > 1e-4  # training moved it
+    for reset, want in ((True, init), (False, stored)):
+        trainer = Trainer(tiny_vilref(**{"model.logit_scale_reset": reset}), workdir)
+        mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+        state = trainer.restore_or_init(mngr, None)
+        mngr.close()
+        assert int(state.step) == 12
+        np.testing.assert_allclose(float(state.params["logit_scale"]), want, rtol=1e-6)
+        np.testing.assert_allclose(float(state.ema_params["logit_scale"]),
+                                   init if reset else float(reference.state.ema_params["logit_scale"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("clamp", ["after_step", "before_forward"])
+def test_logit_scale_clamp_switch(vilref_run, clamp, tmp_path):
+    """ViLReF clamps the stored value after every optimizer step; FLAIR clamps it before the forward,
+    so after a step from above ln 100 only the ViLReF setting stores exactly ln 100."""
+    trainer = Trainer(tiny_vilref(**{"model.logit_scale_clamp": clamp, "optim.warmup_steps": 0}), str(tmp_path))
+    state = trainer.init_state()
+    state = state.replace(params={**state.params, "logit_scale": jax.device_put(np.float32(5.0), trainer.replicated)})
+    batch = pipeline.make_global(next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize))),
+                                 trainer.batch_sharding)
+    new, metrics = trainer.train_step(state, batch)
+    stored = float(new.params["logit_scale"])
+    if clamp == "after_step":
+        assert stored == np.float32(losses.LOGIT_SCALE_MAX)
+    else:
+        assert stored != np.float32(losses.LOGIT_SCALE_MAX) and abs(stored - losses.LOGIT_SCALE_MAX) < 0.01
+    assert float(metrics["train/logit_scale"]) == pytest.approx(100.0 if clamp == "before_forward" else np.exp(5.0),
+                                                                rel=1e-5)
+
+
+def test_online_keys_without_a_momentum_model_and_no_queue_train(tmp_path):
+    """The ablation settings: WSCL with online keys and no queue (no EMA tree), and plain CLIP on reports."""
+    for extra in ({"momentum.enabled": False, "momentum.key_features": "online", "momentum.queue_size": 0},
+                  {"loss.name": "clip", "momentum.enabled": False, "momentum.key_features": "online",
+                   "momentum.queue_size": 0}):
+        config = tiny_vilref(**{**extra, "train.epochs": 0.5, "optim.schedule_epochs": 0.5, "eval.at_end": False})
+        trainer = Trainer(config, str(tmp_path / extra.get("loss.name", "wscl")))
+        trainer.train()
+        assert trainer.state.ema_params == {} and trainer.state.queues == {}
+        rows = [r for r in read_metrics(os.path.join(trainer.workdir, "metrics.jsonl")) if "train/loss" in r]
+        assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
