@@ -167,12 +167,15 @@ class Trainer:
 
         ema_params, momentum_out = state.ema_params, None
         if config.momentum.enabled:
-            # ALBEF order: EMA update from the current online params, then the momentum forward.
-            # Eval mode: no dropout, and the online model's BatchNorm running statistics.
+            # ALBEF order: EMA update from the current online params, then the momentum forward in
+            # train mode as ALBEF's (its own dropout draw; BatchNorm on batch statistics like the
+            # queries, its running averages discarded).
             ema_params = momentum.ema_update(state.ema_params, params, config.momentum.decay)
-            momentum_out = jax.lax.stop_gradient(self.model.apply(
+            momentum_out, _ = self.model.apply(
                 {"params": ema_params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
-                batch["attention_mask"], train=False))
+                batch["attention_mask"], train=True, rngs={"dropout": jax.random.fold_in(rng, 1)},
+                mutable=["batch_stats"])
+            momentum_out = jax.lax.stop_gradient(momentum_out)
 
         def loss_fn(params):
             out, updates = self.model.apply(
