@@ -216,8 +216,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.momentum.enabled = False
     c.momentum.decay = 0.995
     c.momentum.queue_size = 0  # 0 = no queue; else a positive multiple of the global batch
-    # Keys of the current batch: the momentum model's features ('momentum', ALBEF) or the online ones.
-    c.momentum.key_features = "momentum"
+    # Keys of the current batch: the momentum model's features ('momentum', ALBEF; configs/vilref.py)
+    # or the online ones (the only choice without a momentum model).
+    c.momentum.key_features = "online"
 
     # ---------------------------------------------------------------------------------- optim
     c.optim = ml_collections.ConfigDict()

@@ -10,7 +10,8 @@ from retina_jax import optim
 
 def optim_config(**kw):
     c = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
-                                       warmup_epochs=1.0, schedule_epochs=100.0, wd_exclude=()))
+                                       warmup_epochs=1.0, warmup_steps=-1, schedule_epochs=100.0,
+                                       wd_exclude=()))
     c.update(kw)
     return c
 
@@ -25,6 +26,13 @@ def test_warmup_then_cosine_over_a_separate_horizon():
     np.testing.assert_allclose(float(schedule(150)), expected, rtol=1e-5)
     assert float(schedule(150)) > 0.9e-4
     np.testing.assert_allclose(float(schedule(1000)), 0.0, atol=1e-12)
+
+
+def test_warmup_steps_override_warmup_epochs():
+    """ViLReF warms up for a fixed number of steps (100), whatever the epoch length."""
+    schedule = optim.make_schedule(optim_config(warmup_steps=4, schedule_epochs=2.0), steps_per_epoch=10)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 4)], [0.0, 0.5e-4, 1e-4], rtol=1e-6)
+    assert float(schedule(12)) < 1e-4 and float(schedule(20)) == 0.0
 
 
 def test_weight_decay_mask_excludes_matching_paths():
