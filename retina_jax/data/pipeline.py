@@ -25,7 +25,6 @@ import types
 import grain
 import jax
 import numpy as np
-
 from absl import logging
 
 from retina_jax.data import knowledge, transforms
