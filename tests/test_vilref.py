@@ -12,7 +12,6 @@ from retina_jax import checkpointing, config as config_lib, losses, optim
 from retina_jax.config import ConfigError, validate
 from retina_jax.data import knowledge, pipeline, transforms
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
-from retina_jax.data.tokenizer import Tokenize
 from retina_jax.evals import zeroshot
 from retina_jax.metrics import read as read_metrics
 from retina_jax.models.two_tower import build_model
