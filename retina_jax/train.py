@@ -193,16 +193,15 @@ class Trainer:
         if config.model.logit_scale_clamp == "after_step":
             # ViLReF (Chinese-CLIP) clamps logit_scale.data after every optimizer step.
             new_params["logit_scale"] = jnp.clip(new_params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
+        metrics = {"train/loss": loss, "train/lr": self.schedule(state.step),
+                   "train/grad_norm": optax.global_norm(grads),
+                   "train/logit_scale": jnp.exp(params["logit_scale"])}
         queues = state.queues
         if config.momentum.queue_size:
             # The whole global batch enters the replicated queue: momentum features when there is a
             # momentum model, else the online ones (detached).
             source = momentum_out if momentum_out is not None else out
             queues = momentum.enqueue(queues, source["zimg"], source["ztxt"], batch["labels"])
-        metrics = {"train/loss": loss, "train/lr": self.schedule(state.step),
-                   "train/grad_norm": optax.global_norm(grads),
-                   "train/logit_scale": jnp.exp(params["logit_scale"])}
-        if config.momentum.queue_size:
             metrics["train/queue_fill"] = jnp.mean(queues.valid.astype(jnp.float32))
         return state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats, opt_state=opt_state,
                              ema_params=ema_params, queues=queues), metrics
@@ -337,8 +336,8 @@ class Trainer:
 
     def _multilabel(self, state: TrainState, step: int) -> dict:
         """Sigmoid heads on the pre-projection image feature over the synthetic findings (macro AUC,
-        mAP). JAX arrays are immutable and nothing here is donated, so the pretraining state is never
-        touched: fine-tuning always trains a copy (the original fine-tunes the model in place)."""
+        mAP). The pretraining state is never touched: `multilabel.finetune` copies the tower's
+        variables before its donating step (the original fine-tunes the model in place)."""
         config, out = self.config, {}
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         label = lambda example: example["labels"]  # noqa: E731

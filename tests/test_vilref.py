@@ -143,10 +143,12 @@ def test_report_stream_labels_are_the_extracted_ones_and_equal_the_ground_truth(
     config = tiny_vilref()
     source = pipeline.synthetic_source(config)
     transform = pipeline.ReportTransform(32, "clip", None, "zh", 0, pipeline.label_extractor(config))
+    given = pipeline.ReportTransform(32, "clip", None, "zh", 0, None)  # data.reports.labels='given'
     for i in range(40):
         example = source[i]
         out = transform(example, np.random.default_rng(i))
         np.testing.assert_array_equal(out["labels"], example["labels"].astype(np.float32))
+        np.testing.assert_array_equal(given(example, np.random.default_rng(i))["labels"], out["labels"])
         assert out["prompt"] == example["report_zh"]
         assert out["image"].shape == (32, 32, 3)
     assert pipeline.num_labels(config) == len(knowledge.FINDINGS)

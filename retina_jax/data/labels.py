@@ -166,7 +166,7 @@ class LabelExtractor:
 def log_coverage(stats: dict, name: str) -> str:
     """One line for the training log, e.g. 'labels (zh) of 2048 reports: 0 unlabelled (0.0%), ...'."""
     n = max(stats['reports'], 1)
-    rarest = sorted((k, c) for c, k in stats['per_class'].items() if c != 'normal')[:3]
+    rarest = sorted((count, name) for name, count in stats['per_class'].items() if name != 'normal')[:3]
     return (f"labels ({name}) of {stats['reports']} reports: {stats['unlabelled']} unlabelled "
             f"({stats['unlabelled_fraction']:.1%}), normal {stats['normal'] / n:.1%}, "
-            f"{stats['negated']} negated mentions, rarest: " + ', '.join(f'{c} {k}' for k, c in rarest))
+            f"{stats['negated']} negated mentions, rarest: " + ', '.join(f'{name} {count}' for count, name in rarest))

@@ -195,9 +195,9 @@ def label_extractor(config) -> LabelExtractor | None:
 
 
 def num_labels(config) -> int:
-    """C, the length of the report stream's multi-hot label vectors."""
-    extractor = label_extractor(config)
-    return len(extractor.classes) if extractor is not None else len(knowledge.FINDINGS)
+    """C, the length of the report stream's multi-hot label vectors: the extractor's classes, which
+    `LabelExtractor.load` requires to be the corpus's findings (the 'given' labels) in order."""
+    return len(LabelExtractor.classes)
 
 
 def log_label_coverage(config, extractor: LabelExtractor) -> dict:
