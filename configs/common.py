@@ -124,6 +124,16 @@ def get_config() -> ml_collections.ConfigDict:
     # of its expert descriptions, uniformly over [name] + descriptions.
     c.data.prompt_template = "A {atr} fundus photograph of {cls}"
     c.data.description_swap = True
+    # KeepFIT's expert stream (METHODS.md section 2): image-caption pairs (MM-Retinal's role), one
+    # batch of `batch_size` (global) per step beside the public batch, drawn uniformly WITH
+    # replacement, captions tokenised as they are (no prompt template), images without augmentation.
+    # The embedded default is a separate synthetic corpus (seed `seed`, `size` examples, every one
+    # with an expert caption); 2,169 is MM-Retinal's CFP count.
+    c.data.expert = ml_collections.ConfigDict()
+    c.data.expert.enabled = False
+    c.data.expert.batch_size = 24
+    c.data.expert.seed = 1
+    c.data.expert.size = 2169
     # The embedded synthetic corpus (retina_jax.data.synthetic.CorpusSpec fields).
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.seed = 0
@@ -208,6 +218,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.wscl = ml_collections.ConfigDict()
     c.loss.wscl.coupling = "similarity"
     c.loss.wscl.alpha = 0.0
+    # KeepFIT (with data.expert): loss = L_pub + mm_weight * L_mm + rev_weight * L_rev, L_mm the CLIP
+    # loss of the expert pairs, L_rev the MSE between the public text embeddings and the knowledge
+    # attention's revision (needs model.knowledge). KeepFIT: 1 and 100; its ablations: revision only
+    # (mm_weight 0, rev_weight 1), mixed only (rev_weight 0).
+    c.loss.keepfit = ml_collections.ConfigDict()
+    c.loss.keepfit.mm_weight = 1.0
+    c.loss.keepfit.rev_weight = 100.0
 
     # ------------------------------------------------------------------------------- momentum
     # ViLReF's batch expansion (ALBEF mechanics): EMA copies of both towers and projections, and

@@ -127,6 +127,22 @@ def validate(config, num_devices: int) -> None:
           "'flair' needs the category ids of data.stream='flair'")
     check(config.loss.name != "wscl" or config.data.stream == "reports", "loss.name",
           "'wscl' needs the label vectors of data.stream='reports'")
+    e, k = config.data.expert, config.loss.keepfit
+    if e.enabled:
+        check(e.batch_size > 0 and e.batch_size % max(data_devices, 1) == 0, "data.expert.batch_size",
+              f"global expert batch {e.batch_size} must be a positive multiple of the {data_devices} data devices")
+        check(e.size >= e.batch_size, "data.expert.size", f"{e.size} examples cannot fill one expert batch "
+              f"of {e.batch_size}")
+        check(e.seed not in (config.data.synthetic.seed, config.eval.zero_shot.seed), "data.expert.seed",
+              f"{e.seed} must differ from the public corpus and held-out seeds")
+        check(config.data.stream == "flair" and config.loss.name == "flair", "data.expert.enabled",
+              "KeepFIT's expert stream goes with the FLAIR public stream and loss (data.stream='flair', "
+              "loss.name='flair')")
+        check(k.mm_weight >= 0 and k.rev_weight >= 0, "loss.keepfit", "mm_weight and rev_weight must be >= 0")
+        check(k.mm_weight > 0 or k.rev_weight > 0, "loss.keepfit",
+              "mm_weight and rev_weight are both 0: the expert stream would not train anything")
+        check(k.rev_weight == 0 or config.model.knowledge.enabled, "loss.keepfit.rev_weight",
+              f"{k.rev_weight} needs the knowledge attention (model.knowledge.enabled=True)")
     check(config.loss.wscl.coupling in WSCL_COUPLINGS, "loss.wscl.coupling",
           f"{config.loss.wscl.coupling!r} not in {WSCL_COUPLINGS}")
     check(0.0 <= config.loss.wscl.alpha <= 1.0, "loss.wscl.alpha", "must be in [0, 1]")

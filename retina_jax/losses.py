@@ -1,6 +1,9 @@
 """Contrastive loss terms as pure functions on arrays.
 
 - `clip_loss`: CLIP InfoNCE (identity targets), used by KeepFIT's expert stream (METHODS.md section 2).
+- `keepfit_loss`: KeepFIT's `L_pub + w_mm * L_mm + w_rev * L_rev` (METHODS.md section 2): FLAIR's
+  loss on the public batch, CLIP's on the expert pairs, and `revision_loss`, the MSE between the
+  public text embeddings and the knowledge attention's revision.
 - `flair_loss`: FLAIR's label-aware soft CLIP loss (METHODS.md section 1): rows/columns whose
   *original* category ids are equal are all positives, with the target spread uniformly over them.
 - `wscl_loss`: ViLReF's Weighted Similarity Coupling Loss (METHODS.md section 4, [recon]): keys are
@@ -89,6 +92,39 @@ def grouped(loss_fn, num_groups: int):
         return jnp.mean(losses)
 
     return local_loss
+
+
+# ------------------------------------------------------------------------------------- KeepFIT
+
+def revision_loss(ztxt: jax.Array, revised: jax.Array) -> jax.Array:
+    """KeepFIT's L_rev: mean((ztxt - revised) ** 2) over all B x D elements (torch MSELoss)."""
+    return jnp.mean(jnp.square(ztxt.astype(jnp.float32) - revised.astype(jnp.float32)))
+
+
+def keepfit_loss(zimg: jax.Array, ztxt: jax.Array, category_ids: jax.Array, kimg: jax.Array, ktxt: jax.Array,
+                 revised: jax.Array | None, logit_scale: jax.Array, *, mm_weight: float = 1.0,
+                 rev_weight: float = 100.0, num_groups: int = 1, row_sharding=None):
+    """KeepFIT's loss -> (total, {'pub', 'mm', 'rev'}).
+
+    zimg, ztxt [B, D] and category_ids [B]: the public batch; kimg, ktxt [Bk, D]: the expert pairs;
+    revised [B, D]: `knowledge(q=zimg, k=kimg, v=ktxt)` (None when rev_weight is 0). One temperature
+    serves both contrastive terms. `num_groups > 1` computes both per device group
+    (`loss.scope='local'`, as the original); terms with weight 0 are still reported.
+    """
+    if num_groups > 1:
+        l_pub = grouped(flair_loss, num_groups)(zimg, ztxt, category_ids, logit_scale=logit_scale)
+        l_mm = grouped(clip_loss, num_groups)(kimg, ktxt, logit_scale=logit_scale)
+    else:
+        l_pub = flair_loss(zimg, ztxt, category_ids, logit_scale, row_sharding=row_sharding)
+        l_mm = clip_loss(kimg, ktxt, logit_scale, row_sharding=row_sharding)
+    terms = {"pub": l_pub, "mm": l_mm}
+    total = l_pub + mm_weight * l_mm
+    if revised is not None:
+        terms["rev"] = revision_loss(ztxt, revised)
+        total = total + rev_weight * terms["rev"]
+    elif rev_weight:
+        raise ValueError(f"keepfit_loss: rev_weight={rev_weight} needs the knowledge attention's output `revised`")
+    return total, terms
 
 
 # ---------------------------------------------------------------------------------------- WSCL

@@ -1,7 +1,8 @@
 """THE trainer: mesh, data, state, jitted step, loop, checkpoints and evaluations.
 
-Implements FLAIR pretraining (METHODS.md section 1) and ViLReF (section 4: report stream with
-extracted labels, WSCL, momentum encoders and replicated queues, logit_scale clamp/reset quirks);
+Implements FLAIR pretraining (METHODS.md section 1), KeepFIT (section 2: the expert stream beside
+the public one, the knowledge attention, L_pub + L_mm + L_rev) and ViLReF (section 4: report stream
+with extracted labels, WSCL, momentum encoders and replicated queues, logit_scale clamp/reset quirks);
 methods differ by config (towers, loss terms, data streams, momentum state), not by a forked trainer.
 
 Sharding (ARCHITECTURE.md): one `jax.jit` with NamedShardings on a mesh from the config. The batch
@@ -31,7 +32,7 @@ from retina_jax.data.tokenizer import Tokenize
 from retina_jax.evals import metrics as eval_metrics
 from retina_jax.evals import multilabel, zeroshot
 from retina_jax.metrics import MetricWriter, Throughput, check_finite
-from retina_jax.models.two_tower import build_model
+from retina_jax.models.two_tower import TwoTower, build_model
 from retina_jax.optim import make_optimizer
 from retina_jax.train_state import TrainState
 
@@ -156,6 +157,30 @@ class Trainer:
         return losses.wscl_loss(out["zimg"], out["ztxt"], batch["labels"], logit_scale, coupling=w.coupling,
                                 alpha=w.alpha, row_sharding=sharding.rows_sharding(self.mesh), **kwargs)
 
+    def _keepfit(self, params, batch_stats, out, batch, rng):
+        """KeepFIT's expert pass and loss (METHODS.md section 2) -> (loss, terms, batch_stats).
+
+        The expert pairs go through the same towers in train mode AFTER the public batch, starting
+        from the statistics the public pass left: BatchNorm is updated by the public pass, then the
+        expert pass, as the original's two forward calls. The knowledge attention (its own dropout
+        draw) revises the public image embeddings into text space from the expert pairs.
+        """
+        k = self.config.loss.keepfit
+        kout, updates = self.model.apply(
+            {"params": params, "batch_stats": batch_stats}, batch["expert_image"], batch["expert_input_ids"],
+            batch["expert_attention_mask"], train=True, rngs={"dropout": jax.random.fold_in(rng, 2)},
+            mutable=["batch_stats"])
+        revised = None
+        if k.rev_weight:
+            revised = self.model.apply({"params": params}, out["zimg"], kout["zimg"], kout["ztxt"], train=True,
+                                       method=TwoTower.revise, rngs={"dropout": jax.random.fold_in(rng, 3)})
+        local = self.config.loss.scope == "local"
+        loss, terms = losses.keepfit_loss(
+            out["zimg"], out["ztxt"], batch["category_id"], kout["zimg"], kout["ztxt"], revised, params["logit_scale"],
+            mm_weight=k.mm_weight, rev_weight=k.rev_weight, num_groups=self.num_data_shards if local else 1,
+            row_sharding=None if local else sharding.rows_sharding(self.mesh))
+        return loss, terms, updates.get("batch_stats", batch_stats)
+
     def _train_step(self, state: TrainState, batch):
         config = self.config
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -181,13 +206,16 @@ class Trainer:
             out, updates = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
                 batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-            if config.loss.name == "wscl":
+            batch_stats, terms = updates.get("batch_stats", {}), {}
+            if config.data.expert.enabled:
+                loss, terms, batch_stats = self._keepfit(params, batch_stats, out, batch, rng)
+            elif config.loss.name == "wscl":
                 loss = self._wscl(out, batch, params["logit_scale"], state, momentum_out)
             else:
                 loss = self._loss(out, batch, params["logit_scale"])
-            return loss, (updates.get("batch_stats", {}), out)
+            return loss, (batch_stats, out, terms)
 
-        (loss, (batch_stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (batch_stats, out, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if config.model.logit_scale_clamp == "after_step":
@@ -195,7 +223,14 @@ class Trainer:
             new_params["logit_scale"] = jnp.clip(new_params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
         metrics = {"train/loss": loss, "train/lr": self.schedule(state.step),
                    "train/grad_norm": optax.global_norm(grads),
-                   "train/logit_scale": jnp.exp(params["logit_scale"])}
+                   "train/logit_scale": jnp.exp(params["logit_scale"]),
+                   **{f"train/loss_{name}": value for name, value in terms.items()}}
+        if momentum_out is not None:
+            # How closely the momentum model tracks the online one (cosine of the same examples'
+            # embeddings): far below 1, the keys and queue are stale and the loss can fall by moving
+            # every feature away from them instead of separating the examples (RESULTS.md, ViLReF).
+            for key, name in (("zimg", "img"), ("ztxt", "txt")):
+                metrics[f"train/momentum_cos_{name}"] = jnp.mean(jnp.sum(out[key] * momentum_out[key], axis=-1))
         queues = state.queues
         if config.momentum.queue_size:
             # The whole global batch enters the replicated queue: momentum features when there is a

@@ -65,6 +65,28 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+def crash_and_resume(config, workdir: str, crash_at: int, last_checkpoint: int) -> Trainer:
+    """Train until the step `crash_at` raises (no handler saves anything), check the run's latest
+    checkpoint is `last_checkpoint`, then resume the same config in the same workdir to the end."""
+    crashing = Trainer(config, workdir)
+    step = crashing.train_step
+
+    def crash(state, batch):
+        if int(jax.device_get(state.step)) == crash_at:
+            raise KeyboardInterrupt("simulated crash: no handler saves anything")
+        return step(state, batch)
+
+    crashing.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    assert mngr.latest_step() == last_checkpoint
+    mngr.close()
+    resumed = Trainer(config, workdir)
+    resumed.train()
+    return resumed
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))

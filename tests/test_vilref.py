@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from test_train import REPO, assert_trees_equal, leaves
+from test_train import REPO, assert_trees_equal, crash_and_resume, leaves
 
 from retina_jax import checkpointing, config as config_lib, losses, optim
 from retina_jax.config import ConfigError, validate
@@ -208,6 +208,11 @@ def test_vilref_run_fills_and_wraps_the_queue_and_reports_every_evaluation(vilre
     # Queue of 32 = 2 global batches: half full after step 1, full from step 2 on.
     assert [r["train/queue_fill"] for r in rows[:3]] == [0.5, 1.0, 1.0]
     assert all(np.isfinite(r["train/loss"]) for r in rows)
+    # At step 1 the momentum model IS the online one: the same images give the same embeddings
+    # (no dropout in the image tower); the text tower's own dropout draw makes its texts differ.
+    np.testing.assert_allclose(rows[0]["train/momentum_cos_img"], 1.0, rtol=1e-5)
+    assert 0.5 < rows[0]["train/momentum_cos_txt"] < 1.0 - 1e-4
+    assert all(-1.0 <= r["train/momentum_cos_img"] <= 1.0 + 1e-5 for r in rows)
     state = trainer.state
     q = jax.device_get(state.queues)
     assert int(q.ptr) == (12 * 16) % 32 and q.valid.all()
@@ -235,25 +240,8 @@ def test_vilref_run_fills_and_wraps_the_queue_and_reports_every_evaluation(vilre
 
 def test_crashed_run_resumes_with_identical_ema_queues_and_pointer(vilref_run, tmp_path):
     reference, _, _, _ = vilref_run
-    workdir = str(tmp_path / "crashed")
     config = tiny_vilref(**{"model.logit_scale_reset": False, "eval.at_end": False})
-    crashing = Trainer(config, workdir)
-    step = crashing.train_step
-
-    def crash_at_step_6(state, batch):
-        if int(jax.device_get(state.step)) == 6:
-            raise KeyboardInterrupt("simulated crash: no handler saves anything")
-        return step(state, batch)
-
-    crashing.train_step = crash_at_step_6
-    with pytest.raises(KeyboardInterrupt):
-        crashing.train()
-    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-    assert mngr.latest_step() == 4
-    mngr.close()
-
-    resumed = Trainer(config, workdir)
-    resumed.train()
+    resumed = crash_and_resume(config, str(tmp_path / "crashed"), crash_at=6, last_checkpoint=4)
     for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
         assert_trees_equal(getattr(resumed.state, field), getattr(reference.state, field))
     assert int(resumed.state.queues.ptr) == int(reference.state.queues.ptr)

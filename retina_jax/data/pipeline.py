@@ -8,6 +8,11 @@ repeat with per-epoch reseeding -> batch (tokenised per batch) -> iterator. Ever
 drawn from grain's per-index generator, so a pipeline position reproduces the same batch, and the
 iterator state saved with a checkpoint resumes the exact data position.
 
+KeepFIT's expert stream (`data.expert`, section 2) is a second pipeline of image-caption pairs
+drawn uniformly with replacement (no augmentation, captions as they are), zipped with the public
+one: every element holds both batches (the expert ones under `expert_*` keys), so the one iterator
+state saved with a checkpoint holds the position of both streams.
+
 The report stream (`data.stream='reports'`) yields the image (ViLReF's augmentations), its report in
 `data.reports.language` (optionally without its first `drop_chars` characters) and the multi-hot
 finding labels the expert-knowledge extractor reads off that report.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import types
 
 import grain
@@ -45,6 +51,15 @@ def synthetic_source(config) -> SyntheticFundus:
     return SyntheticFundus(CorpusSpec(
         seed=s.seed, size=s.size, image_size=s.image_size, comorbidity_prob=s.comorbidity_prob,
         attribute_prob=s.attribute_prob, expert_fraction=s.expert_fraction, difficulty=s.difficulty))
+
+
+def expert_source(config) -> SyntheticFundus:
+    """KeepFIT's expert image-caption set (MM-Retinal's role) for the embedded default: a synthetic
+    corpus of its own seed in which every example carries an expert caption."""
+    e, s = config.data.expert, config.data.synthetic
+    return SyntheticFundus(CorpusSpec(
+        seed=e.seed, size=e.size, image_size=s.image_size, comorbidity_prob=s.comorbidity_prob,
+        attribute_prob=s.attribute_prob, expert_fraction=1.0, difficulty=s.difficulty))
 
 
 def heldout_source(config) -> SyntheticFundus:
@@ -75,6 +90,9 @@ def vocabulary_texts(config) -> list[str]:
             texts.append(record["report_zh"])
         if record["caption"]:
             texts.append(record["caption"])
+    if config.data.expert.enabled:
+        expert = expert_source(config)
+        texts += [expert.record(i)["caption"] for i in range(min(config.text.vocab_corpus_size, len(expert)))]
     return texts
 
 
@@ -167,6 +185,12 @@ class ReportTransform:
         return {"image": image, "prompt": text, "labels": np.asarray(labels, np.float32)}
 
 
+def merge_streams(pair: tuple[dict, dict]) -> dict:
+    """(public batch, expert batch) -> one dict, the expert arrays under `expert_*` keys."""
+    public, expert = pair
+    return {**public, **{f"expert_{k}": v for k, v in expert.items()}}
+
+
 @dataclasses.dataclass
 class Collate:
     """Stack a list of examples and tokenise their texts in one call."""
@@ -179,6 +203,34 @@ class Collate:
             if key in examples[0]:
                 batch[key] = np.stack([e[key] for e in examples])
         return batch
+
+
+@dataclasses.dataclass
+class DrawExpertBatch:
+    """Batch position -> `batch_size` expert examples drawn uniformly WITH replacement from this
+    process's shard of the expert corpus (KeepFIT samples its expert batch so), collated: images
+    without augmentation, the captions as they are (no prompt template). The draws come from
+    grain's per-position generator, so a pipeline position always yields the same batch."""
+    source: SyntheticFundus
+    shard: int
+    num_shards: int
+    batch_size: int
+    image_size: int
+    preprocess: str
+    collate: Collate
+
+    def __call__(self, position: int, rng: np.random.Generator) -> dict:
+        local = len(range(self.shard, len(self.source), self.num_shards))
+        examples = []
+        for draw in rng.integers(local, size=self.batch_size):
+            index = self.shard + self.num_shards * int(draw)
+            example = self.source[index]
+            caption = example["caption"].strip()
+            if not caption:
+                raise ValueError(f"expert example {index} of {self.source!r} has an empty caption")
+            examples.append({"image": transforms.preprocess(example["image"], self.image_size, self.preprocess),
+                             "prompt": caption})
+        return self.collate(examples)
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -225,11 +277,22 @@ def train_dataset(config, tokenize: Tokenize) -> grain.IterDataset:
     ds = ds.random_map(transform, seed=config.seed)
     ds = ds.repeat(None)
     ds = ds.batch(local_batch_size(config.data.batch_size), drop_remainder=True, batch_fn=Collate(tokenize))
+    if config.data.expert.enabled:
+        ds = grain.experimental.ZipMapDataset([ds, expert_dataset(config, tokenize, len(ds))]).map(merge_streams)
     it = ds.to_iter_dataset()
     if config.data.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.data.worker_count, per_worker_buffer_size=config.data.worker_buffer_size))
     return it
+
+
+def expert_dataset(config, tokenize: Tokenize, num_batches: int = sys.maxsize) -> grain.MapDataset:
+    """KeepFIT's expert stream: `num_batches` (the public stream's; endless by default) batches of
+    `data.expert.batch_size` (global) expert pairs."""
+    draw = DrawExpertBatch(expert_source(config), jax.process_index(), jax.process_count(),
+                           local_batch_size(config.data.expert.batch_size), config.data.image_size,
+                           config.data.preprocess, Collate(tokenize))
+    return grain.MapDataset.range(num_batches).random_map(draw, seed=config.seed + 1)
 
 
 def make_global(batch: dict, sharding) -> dict:

@@ -33,8 +33,10 @@ class KnowledgeAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, q, k, v, deterministic: bool = True):
-        """q [B, D], k [Bk, D], v [Bk, D] -> [B, D]. Dropout uses the 'dropout' rng."""
+    def __call__(self, q, k, v, deterministic: bool = True, dropout_mask=None):
+        """q [B, D], k [Bk, D], v [Bk, D] -> [B, D]. Dropout uses the 'dropout' rng, or, when given,
+        the fixed keep-mask `dropout_mask` [heads, B, Bk] (inverted dropout: kept weights / (1 - p);
+        for tests against a reference)."""
         if self.softmax_axis not in KNOWLEDGE_SOFTMAX_AXES:
             raise ValueError(f"knowledge softmax_axis {self.softmax_axis!r} not in {KNOWLEDGE_SOFTMAX_AXES}")
         dim = q.shape[-1]
@@ -48,7 +50,10 @@ class KnowledgeAttention(nn.Module):
         scores = jnp.einsum("hqd,hkd->hqk", qh, kh) / jnp.sqrt(head_dim).astype(self.dtype)  # [H, B, Bk]
         axis = 0 if self.softmax_axis == "heads" else -1
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=axis).astype(self.dtype)
-        weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+        if dropout_mask is not None:
+            weights = jnp.where(dropout_mask, weights / (1.0 - self.dropout), 0.0).astype(self.dtype)
+        else:
+            weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("hqk,hkd->hqd", weights, vh)  # [H, B, head_dim]
         out = out.transpose(1, 0, 2).reshape(q.shape[0], dim)  # d2l transpose_output: [B, D]
         return dense("out")(out)
