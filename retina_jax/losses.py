@@ -94,6 +94,14 @@ def grouped(loss_fn, num_groups: int):
     return local_loss
 
 
+def scoped(loss_fn, num_groups: int = 1, row_sharding=None):
+    """`loss_fn(*arrays, logit_scale=...)` in the configured scope: over the global batch with
+    row-sharded logits (`loss.scope='global'`) or, with `num_groups > 1`, per device group ('local')."""
+    if num_groups > 1:
+        return grouped(loss_fn, num_groups)
+    return lambda *arrays, logit_scale: loss_fn(*arrays, logit_scale, row_sharding=row_sharding)
+
+
 # ------------------------------------------------------------------------------------- KeepFIT
 
 def revision_loss(ztxt: jax.Array, revised: jax.Array) -> jax.Array:
@@ -111,12 +119,8 @@ def keepfit_loss(zimg: jax.Array, ztxt: jax.Array, category_ids: jax.Array, kimg
     serves both contrastive terms. `num_groups > 1` computes both per device group
     (`loss.scope='local'`, as the original); terms with weight 0 are still reported.
     """
-    if num_groups > 1:
-        l_pub = grouped(flair_loss, num_groups)(zimg, ztxt, category_ids, logit_scale=logit_scale)
-        l_mm = grouped(clip_loss, num_groups)(kimg, ktxt, logit_scale=logit_scale)
-    else:
-        l_pub = flair_loss(zimg, ztxt, category_ids, logit_scale, row_sharding=row_sharding)
-        l_mm = clip_loss(kimg, ktxt, logit_scale, row_sharding=row_sharding)
+    l_pub = scoped(flair_loss, num_groups, row_sharding)(zimg, ztxt, category_ids, logit_scale=logit_scale)
+    l_mm = scoped(clip_loss, num_groups, row_sharding)(kimg, ktxt, logit_scale=logit_scale)
     terms = {"pub": l_pub, "mm": l_mm}
     total = l_pub + mm_weight * l_mm
     if revised is not None:

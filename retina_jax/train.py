@@ -138,10 +138,15 @@ class Trainer:
             fn, args = losses.flair_loss, (out["zimg"], out["ztxt"], batch["category_id"])
         else:
             fn, args = losses.clip_loss, (out["zimg"], out["ztxt"])
+        return losses.scoped(fn, *self._scope())(*args, logit_scale=logit_scale)
+
+    def _scope(self):
+        """(num_groups, row_sharding) of `losses.scoped` for `config.loss.scope`: 'local' computes
+        the loss per device (negatives only from the same device, as the original), 'global' over
+        the whole batch with row-sharded logits."""
         if self.config.loss.scope == "local":
-            # Per-device negatives, as the original computes it.
-            return losses.grouped(fn, self.num_data_shards)(*args, logit_scale=logit_scale)
-        return fn(*args, logit_scale, row_sharding=sharding.rows_sharding(self.mesh))
+            return self.num_data_shards, None
+        return 1, sharding.rows_sharding(self.mesh)
 
     def _wscl(self, out, batch, logit_scale, state: TrainState, momentum_out):
         """ViLReF's WSCL with this step's keys (momentum or online features) and the queue."""
@@ -174,11 +179,10 @@ class Trainer:
         if k.rev_weight:
             revised = self.model.apply({"params": params}, out["zimg"], kout["zimg"], kout["ztxt"], train=True,
                                        method=TwoTower.revise, rngs={"dropout": jax.random.fold_in(rng, 3)})
-        local = self.config.loss.scope == "local"
+        num_groups, row_sharding = self._scope()
         loss, terms = losses.keepfit_loss(
             out["zimg"], out["ztxt"], batch["category_id"], kout["zimg"], kout["ztxt"], revised, params["logit_scale"],
-            mm_weight=k.mm_weight, rev_weight=k.rev_weight, num_groups=self.num_data_shards if local else 1,
-            row_sharding=None if local else sharding.rows_sharding(self.mesh))
+            mm_weight=k.mm_weight, rev_weight=k.rev_weight, num_groups=num_groups, row_sharding=row_sharding)
         return loss, terms, updates.get("batch_stats", batch_stats)
 
     def _train_step(self, state: TrainState, batch):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_train import REPO, assert_trees_equal, crash_and_resume, leaves
+from test_train import TINY as TRAIN_TINY
 
 from retina_jax import config as config_lib, losses
 from retina_jax.config import ConfigError, validate
@@ -20,26 +21,15 @@ from retina_jax.train import Trainer
 
 KEEPFIT = os.path.join(REPO, "configs", "keepfit.py")
 
-# 32 px, public batch 16 + expert batch 8, 8 steps, checkpoints every 4.
+# test_train's tiny run (32 px, public batch 16) + expert batch 8; 8 steps, checkpoints every 4.
 TINY = {
-    "data.batch_size": 16,
+    **TRAIN_TINY,
     "data.expert.batch_size": 8,
     "data.expert.size": 24,
-    "data.image_size": 32,
-    "data.synthetic.image_size": 32,
-    "data.synthetic.size": 64,
-    "data.worker_count": 0,
-    "text.vocab_size": 600,
-    "text.vocab_corpus_size": 50,
-    "text.max_len": 48,
+    "text.max_len": 48,  # the expert captions
     "train.epochs": 2.0,
     "optim.schedule_epochs": 2.0,
-    "train.log_every": 1,
-    "train.checkpoint_every": 4,
-    "train.progress": False,
     "train.async_checkpoint": False,
-    "eval.batch_size": 32,
-    "eval.zero_shot.size": 48,
 }
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 import types
 
 import grain
@@ -286,9 +285,9 @@ def train_dataset(config, tokenize: Tokenize) -> grain.IterDataset:
     return it
 
 
-def expert_dataset(config, tokenize: Tokenize, num_batches: int = sys.maxsize) -> grain.MapDataset:
-    """KeepFIT's expert stream: `num_batches` (the public stream's; endless by default) batches of
-    `data.expert.batch_size` (global) expert pairs."""
+def expert_dataset(config, tokenize: Tokenize, num_batches: int) -> grain.MapDataset:
+    """KeepFIT's expert stream: `num_batches` (as many as the public stream, which ZipMapDataset
+    requires) batches of `data.expert.batch_size` (global) expert pairs."""
     draw = DrawExpertBatch(expert_source(config), jax.process_index(), jax.process_count(),
                            local_batch_size(config.data.expert.batch_size), config.data.image_size,
                            config.data.preprocess, Collate(tokenize))
