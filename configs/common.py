@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     # directory, full state and data position) > `model_init` (params and batch_stats only) > scratch.
     c.resume = ""
     c.model_init = ""
+    # Top-level param trees `model_init` loads (() = every tree it holds). KeepFIT V2 stage `vl`
+    # loads ('txt',): only the text encoder of stage `text`, not its masked-LM head.
+    c.model_init_trees = ()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the `data` axis; -1 = all devices
@@ -134,6 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.expert.batch_size = 24
     c.data.expert.seed = 1
     c.data.expert.size = 2169
+    # KeepFIT V2's multi-modal expert set (MM-Retinal V2: CFP, FFA, OCT); weights () = uniform.
+    c.data.expert.modalities = ("CFP",)
+    c.data.expert.modality_weights = ()
     # The embedded synthetic corpus (retina_jax.data.synthetic.CorpusSpec fields).
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.seed = 0
@@ -208,6 +214,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.knowledge.heads = 2
     c.model.knowledge.dropout = 0.5
     c.model.knowledge.softmax_axis = "heads"
+    # KeepFIT V2's CoCa-style caption decoder (param tree `decoder`; METHODS.md section 3): causal
+    # self-attention + cross-attention to the image tower's spatial tokens, trained on the expert
+    # captions with weight loss.keepfit.gen_weight.
+    c.model.decoder = ml_collections.ConfigDict()
+    c.model.decoder.enabled = False
+    c.model.decoder.width = 512
+    c.model.decoder.layers = 3
+    c.model.decoder.heads = 8
+    c.model.decoder.mlp_dim = 2048
+    c.model.decoder.dropout = 0.1
 
     # ----------------------------------------------------------------------------------- loss
     c.loss = ml_collections.ConfigDict()
@@ -225,6 +241,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.keepfit = ml_collections.ConfigDict()
     c.loss.keepfit.mm_weight = 1.0
     c.loss.keepfit.rev_weight = 100.0
+    # KeepFIT V2's lambda_gen: weight of the caption loss (token cross-entropy over the real tokens of
+    # the global expert batch); needs model.decoder.
+    c.loss.keepfit.gen_weight = 0.0
+
+    # -------------------------------------------------------------------------------- mlm
+    # KeepFIT V2 stage `text` (METHODS.md section 3): whole-word masked language modelling of the
+    # text tower alone on a plain-text corpus ('synthetic' = the synthetic reports and expert
+    # captions, or a folder of .txt files, one text per line); the last `heldout_size` texts are
+    # held out for the masked-token accuracy.
+    c.mlm = ml_collections.ConfigDict()
+    c.mlm.enabled = False
+    c.mlm.corpus = "synthetic"
+    c.mlm.mask_prob = 0.15
+    c.mlm.heldout_size = 256
 
     # ------------------------------------------------------------------------------- momentum
     # ViLReF's batch expansion (ALBEF mechanics): EMA copies of both towers and projections, and
@@ -285,6 +315,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.linear_probe.l2 = 1e-3
     c.eval.linear_probe.steps = 500
     c.eval.linear_probe.lr = 1e-2
+    # KeepFIT V2's caption evaluation: generated captions of a held-out expert split (seed `seed`,
+    # the training expert set's modalities) scored with BLEU-1..4, ROUGE-L and CIDEr;
+    # beam_size 1 is greedy decoding.
+    c.eval.captions = ml_collections.ConfigDict()
+    c.eval.captions.enabled = False
+    c.eval.captions.seed = 30_013
+    c.eval.captions.size = 200
+    c.eval.captions.beam_size = 1
+    c.eval.captions.max_len = 64
     c.eval.finetune = ml_collections.ConfigDict()
     c.eval.finetune.enabled = False
     c.eval.finetune.steps = 100

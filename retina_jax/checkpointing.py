@@ -131,14 +131,23 @@ def _shapes(tree) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def init_from(path: str, params: dict, batch_stats: dict, sharding) -> tuple[dict, dict]:
+def init_from(path: str, params: dict, batch_stats: dict, sharding, trees=()) -> tuple[dict, dict]:
     """`config.model_init`: replace the trees of `params` / `batch_stats` that `path` holds.
+
+    `trees` (`config.model_init_trees`) restricts the load to those top-level trees, each of which
+    the checkpoint must hold (KeepFIT V2 carries only `txt` from stage `text`, not its MLM head).
 
     Strict per top-level tree: a tree the model lacks, or a held tree whose leaves or shapes differ
     from the model's, is a ValueError listing them. Trees the checkpoint does not hold keep their
     fresh initialisation (logged), so towers-only checkpoints load explicitly, never silently.
     """
     loaded = restore_variables(path, sharding)
+    if trees:
+        absent = sorted(set(trees) - set(loaded["params"]))
+        if absent:
+            raise ValueError(f"config.model_init_trees={tuple(trees)}: {absent} not in the checkpoint at {path} "
+                             f"(it holds {sorted(loaded['params'])})")
+        loaded = {what: {k: v for k, v in tree.items() if k in trees} for what, tree in loaded.items()}
     merged = {}
     for what, fresh, got in (("params", params, loaded["params"]), ("batch_stats", batch_stats, loaded["batch_stats"])):
         unexpected = sorted(set(got) - set(fresh))

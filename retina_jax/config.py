@@ -13,6 +13,7 @@ import ml_collections
 
 # The allowed values of each switch are owned by the module that implements it.
 from retina_jax.data.labels import LANGUAGES as REPORT_LANGUAGES
+from retina_jax.data.synthetic import MODALITIES
 from retina_jax.data.transforms import AUGMENT_KINDS, PREPROCESS_MODES
 from retina_jax.evals.zeroshot import LANGUAGES as PROMPT_LANGUAGES
 from retina_jax.losses import WSCL_COUPLINGS
@@ -138,11 +139,47 @@ def validate(config, num_devices: int) -> None:
         check(config.data.stream == "flair" and config.loss.name == "flair", "data.expert.enabled",
               "KeepFIT's expert stream goes with the FLAIR public stream and loss (data.stream='flair', "
               "loss.name='flair')")
-        check(k.mm_weight >= 0 and k.rev_weight >= 0, "loss.keepfit", "mm_weight and rev_weight must be >= 0")
-        check(k.mm_weight > 0 or k.rev_weight > 0, "loss.keepfit",
-              "mm_weight and rev_weight are both 0: the expert stream would not train anything")
+        check(k.mm_weight >= 0 and k.rev_weight >= 0 and k.gen_weight >= 0, "loss.keepfit",
+              "mm_weight, rev_weight and gen_weight must be >= 0")
+        check(k.mm_weight > 0 or k.rev_weight > 0 or k.gen_weight > 0, "loss.keepfit",
+              "mm_weight, rev_weight and gen_weight are all 0: the expert stream would not train anything")
         check(k.rev_weight == 0 or config.model.knowledge.enabled, "loss.keepfit.rev_weight",
               f"{k.rev_weight} needs the knowledge attention (model.knowledge.enabled=True)")
+    unknown = sorted(set(e.modalities) - set(MODALITIES))
+    check(bool(e.modalities) and not unknown, "data.expert.modalities",
+          f"{tuple(e.modalities)} must be a non-empty subset of {MODALITIES}")
+    check(not e.modality_weights or len(e.modality_weights) == len(e.modalities), "data.expert.modality_weights",
+          f"{len(e.modality_weights)} weights for {len(e.modalities)} modalities (() = uniform)")
+    d = config.model.decoder
+    check((k.gen_weight > 0) == bool(d.enabled), "loss.keepfit.gen_weight",
+          f"{k.gen_weight} with model.decoder.enabled={d.enabled}: the caption decoder trains exactly when "
+          "gen_weight > 0")
+    if d.enabled:
+        check(e.enabled, "model.decoder.enabled", "the caption decoder learns from the expert captions "
+              "(data.expert.enabled=True)")
+        check(img.name == "resnet", "model.decoder.enabled",
+              f"its spatial image tokens are implemented for model.img.name='resnet', not {img.name!r}")
+        check(d.width % d.heads == 0, "model.decoder.heads", f"width {d.width} is not divisible by {d.heads} heads")
+    cap = config.eval.captions
+    if cap.enabled:
+        check(d.enabled, "eval.captions.enabled", "needs the caption decoder (model.decoder.enabled=True)")
+        check(cap.beam_size >= 1, "eval.captions.beam_size", f"{cap.beam_size} must be >= 1 (1 = greedy)")
+        check(2 <= cap.max_len <= config.text.max_len, "eval.captions.max_len",
+              f"{cap.max_len} must be in [2, text.max_len={config.text.max_len}]")
+        check(cap.seed not in (e.seed, config.data.synthetic.seed), "eval.captions.seed",
+              f"{cap.seed} must differ from the training and expert corpus seeds")
+        check(cap.size > 0, "eval.captions.size", "must be > 0")
+    mlm = config.mlm
+    if mlm.enabled:
+        check(0.0 < mlm.mask_prob < 1.0, "mlm.mask_prob", f"{mlm.mask_prob} must be in (0, 1)")
+        check(mlm.heldout_size > 0, "mlm.heldout_size", "must be > 0 (the held-out masked-token accuracy)")
+        check(mlm.corpus == "synthetic" or os.path.isdir(mlm.corpus), "mlm.corpus",
+              f"{mlm.corpus!r} is neither 'synthetic' nor a folder of .txt files")
+        check(not e.enabled and not (config.momentum.enabled or config.momentum.queue_size) and not d.enabled and not config.model.knowledge.enabled,
+              "mlm.enabled", "stage `text` trains the text tower alone: turn off data.expert, momentum, "
+              "model.knowledge and model.decoder")
+    check(not config.model_init_trees or bool(config.model_init), "model_init_trees",
+          f"{tuple(config.model_init_trees)} given without model_init")
     check(config.loss.wscl.coupling in WSCL_COUPLINGS, "loss.wscl.coupling",
           f"{config.loss.wscl.coupling!r} not in {WSCL_COUPLINGS}")
     check(0.0 <= config.loss.wscl.alpha <= 1.0, "loss.wscl.alpha", "must be in [0, 1]")

@@ -6,6 +6,9 @@
   public text embeddings and the knowledge attention's revision.
 - `flair_loss`: FLAIR's label-aware soft CLIP loss (METHODS.md section 1): rows/columns whose
   *original* category ids are equal are all positives, with the target spread uniformly over them.
+- `token_cross_entropy`: KeepFIT V2's masked-LM loss (stage `text`) and caption loss (stage `vl`,
+  METHODS.md section 3): cross-entropy over the weighted tokens, normalised by the weight sum of the
+  GLOBAL batch, so the value does not depend on how the batch is split over devices.
 - `wscl_loss`: ViLReF's Weighted Similarity Coupling Loss (METHODS.md section 4, [recon]): keys are
   the in-batch items plus a queue, negatives are weighted by label dissimilarity, false negatives
   (identical label sets) and invalid queue slots are dropped.
@@ -129,6 +132,24 @@ def keepfit_loss(zimg: jax.Array, ztxt: jax.Array, category_ids: jax.Array, kimg
     elif rev_weight:
         raise ValueError(f"keepfit_loss: rev_weight={rev_weight} needs the knowledge attention's output `revised`")
     return total, terms
+
+
+# ------------------------------------------------------------------------------ KeepFIT V2
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(loss, accuracy): sum(w * CE) / sum(w) and the weighted top-1 accuracy over all tokens.
+
+    logits [B, L, V], targets and weights [B, L] (weights 1 on real / masked tokens, 0 on padding).
+    Written on the whole (global) batch: under jit the sums reduce across devices before the
+    division, so the normaliser is the real-token count of the global batch, not a mean of
+    per-device means. An all-zero weight batch gives 0, not NaN.
+    """
+    weights = weights.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(nll * weights) / count, jnp.sum(correct * weights) / count
 
 
 # ---------------------------------------------------------------------------------------- WSCL

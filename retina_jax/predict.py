@@ -81,7 +81,7 @@ class Predictor:
     def load(cls, checkpoint: str, tokenizer: str | None = None) -> "Predictor":
         config = checkpoint_config(checkpoint, tokenizer)
         tokenize = Tokenize(config.text.tokenizer, config.text.max_len)
-        model = build_model(config.model, tokenize.vocab_size, config.data.image_size)
+        model = build_model(config.model, tokenize.vocab_size, config.data.image_size, config.text.max_len)
         size = config.data.image_size
         abstract = jax.eval_shape(lambda: model.init(
             jax.random.key(0), np.zeros((1, size, size, 3), np.float32),

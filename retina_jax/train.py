@@ -1,9 +1,11 @@
 """THE trainer: mesh, data, state, jitted step, loop, checkpoints and evaluations.
 
 Implements FLAIR pretraining (METHODS.md section 1), KeepFIT (section 2: the expert stream beside
-the public one, the knowledge attention, L_pub + L_mm + L_rev) and ViLReF (section 4: report stream
-with extracted labels, WSCL, momentum encoders and replicated queues, logit_scale clamp/reset quirks);
-methods differ by config (towers, loss terms, data streams, momentum state), not by a forked trainer.
+the public one, the knowledge attention, L_pub + L_mm + L_rev), KeepFIT V2 (section 3: stage `text`,
+whole-word masked-LM of the text tower alone; stage `vl`, KeepFIT plus the caption decoder's loss
+and caption evaluation) and ViLReF (section 4: report stream with extracted labels, WSCL, momentum
+encoders and replicated queues, logit_scale clamp/reset quirks); methods differ by config (towers,
+loss terms, data streams, momentum state), not by a forked trainer.
 
 Sharding (ARCHITECTURE.md): one `jax.jit` with NamedShardings on a mesh from the config. The batch
 is sharded over `data`, parameters and optimizer state are replicated, and the loss is written on
@@ -30,9 +32,12 @@ from retina_jax.config import validate
 from retina_jax.data import pipeline
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.evals import metrics as eval_metrics
+from retina_jax.evals import captions as caption_metrics
 from retina_jax.evals import multilabel, zeroshot
 from retina_jax.metrics import MetricWriter, Throughput, check_finite
-from retina_jax.models.two_tower import TwoTower, build_model
+from retina_jax.models import caption_decoder
+from retina_jax.models.mlm import MaskedLM
+from retina_jax.models.two_tower import TwoTower, build_model, text_config
 from retina_jax.optim import make_optimizer
 from retina_jax.train_state import TrainState
 
@@ -49,10 +54,15 @@ class Trainer:
         self.replicated = sharding.replicated(self.mesh)
 
         self.tokenize = Tokenize(pipeline.prepare_tokenizer(config, self.workdir), config.text.max_len)
-        self.model = build_model(config.model, self.tokenize.vocab_size, config.data.image_size)
-
         self.global_batch = config.data.batch_size
-        self.steps_per_epoch = config.data.synthetic.size // self.global_batch
+        if config.mlm.enabled:  # KeepFIT V2 stage `text`: the text tower alone
+            self.model = MaskedLM(text_config(config.model.txt, self.tokenize.vocab_size),
+                                  jnp.dtype(config.model.compute_dtype))
+            self.steps_per_epoch = len(pipeline.mlm_split(config, "train")) // self.global_batch
+        else:
+            self.model = build_model(config.model, self.tokenize.vocab_size, config.data.image_size,
+                                     config.text.max_len)
+            self.steps_per_epoch = config.data.synthetic.size // self.global_batch
         self.num_labels = pipeline.num_labels(config)
         self.total_steps = max(1, int(round(config.train.epochs * self.steps_per_epoch)))
         self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
@@ -75,9 +85,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
     def _dummy_inputs(self):
-        size = self.config.data.image_size
-        return (jnp.zeros((1, size, size, 3), jnp.float32), jnp.zeros((1, self.config.text.max_len), jnp.int32),
-                jnp.ones((1, self.config.text.max_len), jnp.int32))
+        size, length = self.config.data.image_size, self.config.text.max_len
+        text = (jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
+        return text if self.config.mlm.enabled else (jnp.zeros((1, size, size, 3), jnp.float32), *text)
 
     def _init_state(self, rng) -> TrainState:
         params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
@@ -115,11 +125,11 @@ class Trainer:
             state = self.init_state()
             if self.config.model_init:
                 params, batch_stats = checkpointing.init_from(self.config.model_init, state.params, state.batch_stats,
-                                                              self.replicated)
+                                                              self.replicated, self.config.model_init_trees)
                 # The momentum model starts as a copy of whatever the online model starts from.
                 ema_params = jax.tree.map(jnp.copy, params) if self.config.momentum.enabled else {}
                 state = state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
-        if self.config.model.logit_scale_reset:
+        if self.config.model.logit_scale_reset and not self.config.mlm.enabled:
             state = self._reset_logit_scale(state)
         return state
 
@@ -173,8 +183,8 @@ class Trainer:
         k = self.config.loss.keepfit
         kout, updates = self.model.apply(
             {"params": params, "batch_stats": batch_stats}, batch["expert_image"], batch["expert_input_ids"],
-            batch["expert_attention_mask"], train=True, rngs={"dropout": jax.random.fold_in(rng, 2)},
-            mutable=["batch_stats"])
+            batch["expert_attention_mask"], train=True, image_tokens=bool(k.gen_weight),
+            rngs={"dropout": jax.random.fold_in(rng, 2)}, mutable=["batch_stats"])
         revised = None
         if k.rev_weight:
             revised = self.model.apply({"params": params}, out["zimg"], kout["zimg"], kout["ztxt"], train=True,
@@ -183,13 +193,28 @@ class Trainer:
         loss, terms = losses.keepfit_loss(
             out["zimg"], out["ztxt"], batch["category_id"], kout["zimg"], kout["ztxt"], revised, params["logit_scale"],
             mm_weight=k.mm_weight, rev_weight=k.rev_weight, num_groups=num_groups, row_sharding=row_sharding)
+        if k.gen_weight:
+            # KeepFIT V2: the decoder captions the expert images from their spatial tokens.
+            inputs, targets, weights = caption_decoder.shift_tokens(batch["expert_input_ids"],
+                                                                    batch["expert_attention_mask"])
+            logits = self.model.apply({"params": params}, kout["image_tokens"], inputs, train=True,
+                                      method=TwoTower.caption_logits, rngs={"dropout": jax.random.fold_in(rng, 4)})
+            terms["cap"], _ = losses.token_cross_entropy(logits, targets, weights)
+            loss = loss + k.gen_weight * terms["cap"]
         return loss, terms, updates.get("batch_stats", batch_stats)
+
+    def _mlm(self, params, batch, rng):
+        """KeepFIT V2 stage `text`: whole-word masked-LM loss and accuracy over the masked tokens."""
+        logits = self.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], train=True,
+                                  rngs={"dropout": rng})
+        return losses.token_cross_entropy(logits, batch["mlm_labels"], batch["mlm_weights"])
 
     def _train_step(self, state: TrainState, batch):
         config = self.config
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         params = dict(state.params)
-        if config.model.logit_scale_clamp == "before_forward":
+        contrastive = not config.mlm.enabled
+        if contrastive and config.model.logit_scale_clamp == "before_forward":
             # FLAIR clamps logit_scale.data in place before every forward: AdamW then steps from the
             # clamped value, so the clamp is applied to the stored parameter, not only inside the loss.
             params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
@@ -207,6 +232,9 @@ class Trainer:
             momentum_out = jax.lax.stop_gradient(momentum_out)
 
         def loss_fn(params):
+            if config.mlm.enabled:
+                loss, accuracy = self._mlm(params, batch, rng)
+                return loss, ({}, {}, {"mlm_accuracy": accuracy})
             out, updates = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
                 batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
@@ -222,13 +250,15 @@ class Trainer:
         (loss, (batch_stats, out, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        if config.model.logit_scale_clamp == "after_step":
+        if contrastive and config.model.logit_scale_clamp == "after_step":
             # ViLReF (Chinese-CLIP) clamps logit_scale.data after every optimizer step.
             new_params["logit_scale"] = jnp.clip(new_params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
         metrics = {"train/loss": loss, "train/lr": self.schedule(state.step),
                    "train/grad_norm": optax.global_norm(grads),
-                   "train/logit_scale": jnp.exp(params["logit_scale"]),
-                   **{f"train/loss_{name}": value for name, value in terms.items()}}
+                   **{f"train/{name}" if name.endswith("accuracy") else f"train/loss_{name}": value
+                      for name, value in terms.items()}}
+        if contrastive:
+            metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])
         if momentum_out is not None:
             # How closely the momentum model tracks the online one (cosine of the same examples'
             # embeddings): far below 1, the keys and queue are stale and the loss can fall by moving
@@ -255,7 +285,10 @@ class Trainer:
         config = self.config
         mngr = checkpointing.manager(checkpointing.checkpoint_dir(self.workdir), max_to_keep=config.train.max_to_keep,
                                      async_save=config.train.async_checkpoint)
-        data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize))
+        if config.mlm.enabled:
+            data_iter = self.data_iter = iter(pipeline.mlm_dataset(config, self.tokenize.path))
+        else:
+            data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize))
         extractor = pipeline.label_extractor(config)
         if extractor is not None and jax.process_index() == 0:
             self.label_coverage = pipeline.log_label_coverage(config, extractor)
@@ -343,10 +376,15 @@ class Trainer:
 
     def evaluate(self, state: TrainState, step: int) -> dict:
         """Zero-shot on the held-out synthetic task and, when enabled, ViLReF's multi-label linear probe
-        and fine-tuning; writes eval/<task>/<metric> and a JSON report per task."""
+        and fine-tuning and KeepFIT V2's caption metrics; stage `text` reports its held-out masked-token
+        loss and accuracy instead. Writes eval/<task>/<metric> and a JSON report per task."""
+        if self.config.mlm.enabled:
+            return self._mlm_eval(state, step)
         result = self._zero_shot(state, step)
         if self.config.eval.linear_probe.enabled or self.config.eval.finetune.enabled:
             result.update(self._multilabel(state, step))
+        if self.config.eval.captions.enabled:
+            result.update(self._captions(state, step))
         return result
 
     def _report(self, name: str, step: int, result: dict, **extra):
@@ -406,6 +444,58 @@ class Trainer:
             self._report("multilabel_finetune", step, result, seconds=time.time() - t0)
             out.update({f"finetune/{k}": v for k, v in result.items()})
         return out
+
+    def _mlm_eval(self, state: TrainState, step: int) -> dict:
+        """Masked-token loss and accuracy over the held-out texts (fixed masks), all tokens pooled."""
+        t0 = time.time()
+        apply = jax.jit(lambda p, ids, mask: self.model.apply({"params": p}, ids, mask))
+        nll_sum = correct = count = 0.0
+        for batch in pipeline.mlm_heldout_batches(self.config, self.tokenize.path, self.config.eval.batch_size):
+            batch = pipeline.make_global(batch, self.batch_sharding)
+            logits = apply(state.params, batch["input_ids"], batch["attention_mask"])
+            loss, accuracy = losses.token_cross_entropy(logits, batch["mlm_labels"], batch["mlm_weights"])
+            n = float(jnp.sum(batch["mlm_weights"]))
+            nll_sum, correct, count = nll_sum + float(loss) * n, correct + float(accuracy) * n, count + n
+        result = {"loss": nll_sum / max(count, 1.0), "accuracy": correct / max(count, 1.0),
+                  "num_masked_tokens": int(count)}
+        self._report("mlm_heldout", step, result, heldout_texts=self.config.mlm.heldout_size, seconds=time.time() - t0)
+        return {f"mlm/{k}": v for k, v in result.items()}
+
+    def _captions(self, state: TrainState, step: int) -> dict:
+        """KeepFIT V2: generate captions for held-out expert images (greedy, or beam search with
+        `eval.captions.beam_size` > 1) and score them against the corpus captions."""
+        c = self.config.eval.captions
+        t0 = time.time()
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        source = pipeline.caption_source(self.config)
+        image_tokens = jax.jit(lambda v, img: self.model.apply(v, img, method="encode_image_tokens")[1],
+                               out_shardings=self.batch_sharding)
+        memory, indices = self._gather(image_tokens, variables,
+                                       pipeline.heldout_batches(self.config, self.config.eval.batch_size, source,
+                                                                lambda example: example["index"]))
+        tok = self.tokenize.tokenizer
+        ids = {name: tok.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
+        logits = jax.jit(lambda p, mem, tokens: self.model.apply({"params": p}, mem, tokens, method="caption_logits"))
+        hypotheses = []
+        for start in range(0, len(memory), self.config.eval.batch_size):
+            chunk = jnp.asarray(memory[start:start + self.config.eval.batch_size])
+
+            def log_probs(tokens, t, chunk=chunk):
+                mem = jnp.repeat(chunk, tokens.shape[0] // chunk.shape[0], axis=0)  # beams share their image
+                return jax.nn.log_softmax(logits(state.params, mem, tokens)[:, t - 1], axis=-1)
+
+            args = dict(batch_size=len(chunk), max_len=c.max_len, bos_id=ids["[CLS]"], eos_id=ids["[SEP]"],
+                        pad_id=ids["[PAD]"])
+            tokens = caption_decoder.greedy_decode(log_probs, **args) if c.beam_size == 1 else \
+                caption_decoder.beam_search(log_probs, beam_size=c.beam_size, **args)
+            hypotheses += tok.decode_batch(tokens.tolist(), skip_special_tokens=True)
+        references = [source.record(int(i))["caption"] for i in indices]
+        result = caption_metrics.caption_metrics(hypotheses, references)
+        result["num_examples"] = len(references)
+        examples = [{"index": int(i), "generated": h, "reference": r}
+                    for i, h, r in list(zip(indices, hypotheses, references))[:12]]
+        self._report("captions", step, result, beam_size=c.beam_size, seconds=time.time() - t0, examples=examples)
+        return {f"captions/{k}": v for k, v in result.items()}
 
     def _tower_features(self, variables, images, train: bool):
         """(pre-projection features, new BatchNorm statistics or None) of the image tower alone."""

@@ -1,6 +1,10 @@
 """Render a PNG contact sheet of synthetic fundus samples with their labels and reports.
 
     python -m retina_jax.data.gallery --out gallery.png [--n 12] [--seed 0] [--image-size 256]
+        [--modalities CFP,FFA,OCT [--row-per-modality]] [--expert-fraction 1.0]
+
+With --row-per-modality each listed modality gets a row showing the same --n eyes (an example's
+modality is drawn apart from its findings, so one index is one eye in every modality).
 """
 from __future__ import annotations
 
@@ -46,10 +50,19 @@ def _text_height(font, lines, spacing):
     return h * len(lines)
 
 
-def make_gallery(n: int = 12, seed: int = 0, image_size: int = 256, cols: int | None = None, **spec_kwargs) -> Image.Image:
-    ds = SyntheticFundus(CorpusSpec(seed=seed, size=max(n, 1), image_size=image_size, **spec_kwargs))
-    cols = cols or min(n, 4)
-    rows = math.ceil(n / cols)
+def make_gallery(n: int = 12, seed: int = 0, image_size: int = 256, cols: int | None = None,
+                 modality_rows: tuple[str, ...] | None = None, **spec_kwargs) -> Image.Image:
+    """`modality_rows`: one row per modality, each showing examples 0..n-1 rendered in it."""
+    if modality_rows:
+        examples = [SyntheticFundus(CorpusSpec(seed=seed, size=max(n, 1), image_size=image_size, modalities=(m,),
+                                               **spec_kwargs))[i] for m in modality_rows for i in range(n)]
+        cols = n
+    else:
+        ds = SyntheticFundus(CorpusSpec(seed=seed, size=max(n, 1), image_size=image_size, **spec_kwargs))
+        examples = [ds[i] for i in range(n)]
+        cols = cols or min(n, 4)
+    rows = math.ceil(len(examples) / cols)
+    multimodal = any(ex['modality'] != 'CFP' for ex in examples)
     tile_w = max(image_size, 256)
     fsize = 12
     font = _font(fsize)
@@ -57,9 +70,10 @@ def make_gallery(n: int = 12, seed: int = 0, image_size: int = 256, cols: int | 
     cjk = _font(fsize, cjk_path) if cjk_path else None
     chars = max(20, int(tile_w / (fsize * 0.55)))
     tiles = []
-    for i in range(n):
-        ex = ds[i]
-        lines = [f"#{i} {ex['eye']} eye | DR grade {ex['dr_grade']} | C/D {ex['cup_to_disc']:.2f}"]
+    for ex in examples:
+        i = ex['index']
+        lines = [f"#{i} {ex['eye']} eye{' | ' + ex['modality'] if multimodal else ''} | DR grade {ex['dr_grade']}"
+                 f" | C/D {ex['cup_to_disc']:.2f}"]
         lines += textwrap.wrap('categories: ' + ', '.join(ex['categories']), chars)
         lines += textwrap.wrap('attributes: ' + (', '.join(ex['atributes']) or '-'), chars)
         lines += textwrap.wrap('EN: ' + ex['report_en'], chars)
@@ -101,13 +115,24 @@ def main(argv=None):
     ap.add_argument('--difficulty', type=float, default=0.0)
     ap.add_argument('--conditions', default=None, help='comma-separated subset of conditions')
     ap.add_argument('--single-condition', action='store_true')
+    ap.add_argument('--modalities', default=None, help='comma-separated subset of CFP,FFA,OCT (drawn uniformly per example)')
+    ap.add_argument('--row-per-modality', action='store_true', help='one row per --modalities entry, the same --n eyes in each')
+    ap.add_argument('--expert-fraction', type=float, default=None, help='share of examples with an expert caption')
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error('--n must be >= 1')
     kw = {'difficulty': args.difficulty, 'single_condition': args.single_condition}
     if args.conditions:
         kw['conditions'] = tuple(c.strip() for c in args.conditions.split(','))
-    sheet = make_gallery(args.n, args.seed, args.image_size, args.cols, **kw)
+    if args.expert_fraction is not None:
+        kw['expert_fraction'] = args.expert_fraction
+    modalities = tuple(m.strip() for m in args.modalities.split(',')) if args.modalities else None
+    if args.row_per_modality and not modalities:
+        ap.error('--row-per-modality needs --modalities')
+    if modalities and not args.row_per_modality:
+        kw['modalities'] = modalities
+    sheet = make_gallery(args.n, args.seed, args.image_size, args.cols,
+                         modality_rows=modalities if args.row_per_modality else None, **kw)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sheet.save(args.out)
     print(f'gallery: wrote {args.out} ({args.n} samples, {args.image_size}px)')

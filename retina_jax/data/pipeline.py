@@ -35,14 +35,22 @@ from absl import logging
 from retina_jax.data import knowledge, transforms
 from retina_jax.data.labels import LabelExtractor, log_coverage
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
+from retina_jax.data.text_corpus import TextSource, WholeWordMask, read_text_folder
 from retina_jax.data.tokenizer import Tokenize, learn_wordpiece
 
 _SPACES = re.compile(r"\s+")
 
 
-def make_prompt(template: str, atr: str, cls: str) -> str:
+# KeepFIT V2's modality-aware prompts (METHODS.md section 3): a template's `{modality}` names the
+# example's imaging modality, e.g. "A {atr} {modality} of {cls}" -> "A fluorescein angiography of ...".
+MODALITY_NAMES = {"CFP": "fundus photograph", "FFA": "fluorescein angiography", "OCT": "OCT scan"}
+
+
+def make_prompt(template: str, atr: str, cls: str, modality: str = "CFP") -> str:
+    if modality not in MODALITY_NAMES:
+        raise ValueError(f"unknown modality {modality!r}; known: {sorted(MODALITY_NAMES)}")
     # FLAIR collapses the double space left by an empty attribute.
-    return _SPACES.sub(" ", template.format(atr=atr, cls=cls)).strip()
+    return _SPACES.sub(" ", template.format(atr=atr, cls=cls, modality=MODALITY_NAMES[modality])).strip()
 
 
 def synthetic_source(config) -> SyntheticFundus:
@@ -52,13 +60,20 @@ def synthetic_source(config) -> SyntheticFundus:
         attribute_prob=s.attribute_prob, expert_fraction=s.expert_fraction, difficulty=s.difficulty))
 
 
-def expert_source(config) -> SyntheticFundus:
+def expert_source(config, seed: int | None = None, size: int | None = None) -> SyntheticFundus:
     """KeepFIT's expert image-caption set (MM-Retinal's role) for the embedded default: a synthetic
-    corpus of its own seed in which every example carries an expert caption."""
+    corpus of its own seed in which every example carries an expert caption, in the modalities of
+    `data.expert.modalities` (CFP only for KeepFIT; CFP, FFA and OCT for KeepFIT V2)."""
     e, s = config.data.expert, config.data.synthetic
     return SyntheticFundus(CorpusSpec(
-        seed=e.seed, size=e.size, image_size=s.image_size, comorbidity_prob=s.comorbidity_prob,
-        attribute_prob=s.attribute_prob, expert_fraction=1.0, difficulty=s.difficulty))
+        seed=e.seed if seed is None else seed, size=e.size if size is None else size, image_size=s.image_size,
+        comorbidity_prob=s.comorbidity_prob, attribute_prob=s.attribute_prob, expert_fraction=1.0,
+        difficulty=s.difficulty, modalities=tuple(e.modalities), modality_weights=tuple(e.modality_weights) or None))
+
+
+def caption_source(config) -> SyntheticFundus:
+    """KeepFIT V2's held-out caption split: the expert set's kind of data from `eval.captions.seed`."""
+    return expert_source(config, seed=config.eval.captions.seed, size=config.eval.captions.size)
 
 
 def heldout_source(config) -> SyntheticFundus:
@@ -73,7 +88,9 @@ def heldout_source(config) -> SyntheticFundus:
 def vocabulary_texts(config) -> list[str]:
     """Texts a learned vocabulary must cover: every prompt word, description, attribute, report and
     zero-shot template (Chinese texts too when the run trains on Chinese reports)."""
-    texts = [make_prompt(config.data.prompt_template, atr, "") for atr in ("",) + knowledge.ATTRIBUTES]
+    modalities = MODALITY_NAMES if "{modality}" in config.data.prompt_template else ("CFP",)
+    texts = [make_prompt(config.data.prompt_template, atr, "", modality)
+             for atr in ("",) + knowledge.ATTRIBUTES for modality in modalities]
     texts += [t.format("") for t in config.eval.zero_shot.templates]
     for name, descriptions in knowledge.CATEGORY_DESCRIPTIONS.items():
         texts.append(name)
@@ -89,9 +106,12 @@ def vocabulary_texts(config) -> list[str]:
             texts.append(record["report_zh"])
         if record["caption"]:
             texts.append(record["caption"])
-    if config.data.expert.enabled:
+    if config.data.expert.enabled or config.mlm.enabled:
         expert = expert_source(config)
         texts += [expert.record(i)["caption"] for i in range(min(config.text.vocab_corpus_size, len(expert)))]
+    if config.mlm.enabled and config.mlm.corpus != "synthetic":
+        corpus = text_source(config)
+        texts += [corpus[i] for i in range(min(config.text.vocab_corpus_size, len(corpus)))]
     return texts
 
 
@@ -149,7 +169,7 @@ class FlairTransform:
         if self.description_swap:
             choices = [category] + list(knowledge.CATEGORY_DESCRIPTIONS[category])
             text = choices[rng.integers(len(choices))]
-        return {"image": image, "prompt": make_prompt(self.template, atr, text),
+        return {"image": image, "prompt": make_prompt(self.template, atr, text, example["modality"]),
                 # The ORIGINAL category (before the description swap) defines the loss's positives.
                 "category_id": np.int32(self._category_index[category])}
 
@@ -292,6 +312,50 @@ def expert_dataset(config, tokenize: Tokenize, num_batches: int) -> grain.MapDat
                            local_batch_size(config.data.expert.batch_size), config.data.image_size,
                            config.data.preprocess, Collate(tokenize))
     return grain.MapDataset.range(num_batches).random_map(draw, seed=config.seed + 1)
+
+
+def text_source(config) -> TextSource:
+    """KeepFIT V2 stage `text`'s whole corpus (data/text_corpus.py), held-out tail included."""
+    if config.mlm.corpus == "synthetic":
+        return TextSource(reports=synthetic_source(config), captions=expert_source(config), name="synthetic")
+    return TextSource(read_text_folder(config.mlm.corpus), name=config.mlm.corpus)
+
+
+def mlm_split(config, split: str) -> grain.MapDataset:
+    """'train': every text but the last `mlm.heldout_size`; 'heldout': those last ones."""
+    source = text_source(config)
+    cut = len(source) - config.mlm.heldout_size
+    if cut < config.data.batch_size:
+        raise ValueError(f"config.mlm: the corpus {source!r} leaves {cut} training texts after holding out "
+                         f"mlm.heldout_size={config.mlm.heldout_size}; one global batch needs {config.data.batch_size}")
+    ds = grain.MapDataset.source(source)
+    return ds[:cut] if split == "train" else ds[cut:]
+
+
+def mlm_dataset(config, tokenizer_path: str) -> grain.IterDataset:
+    """Stage `text` training stream: this process's shard of the corpus, shuffled, whole-word masked
+    from grain's per-index generator (so a resumed iterator reproduces the same masks), batched."""
+    ds = mlm_split(config, "train")[jax.process_index()::jax.process_count()]
+    if config.data.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.random_map(WholeWordMask(tokenizer_path, config.text.max_len, config.mlm.mask_prob), seed=config.seed)
+    ds = ds.repeat(None).batch(local_batch_size(config.data.batch_size), drop_remainder=True)
+    return ds.to_iter_dataset()
+
+
+def mlm_heldout_batches(config, tokenizer_path: str, batch_size: int):
+    """Yield this process's held-out masked batches (fixed masks: seed `eval.zero_shot.seed`), the
+    last one zero-padded; padded rows have all-zero `mlm_weights`, so they add nothing."""
+    texts = mlm_split(config, "heldout")
+    mask = WholeWordMask(tokenizer_path, config.text.max_len, config.mlm.mask_prob)
+    indices = np.arange(len(texts))[jax.process_index()::jax.process_count()]
+    local = local_batch_size(batch_size)
+    for b in range(-(-len(texts) // batch_size)):
+        rows = [mask(texts[int(i)], np.random.default_rng([config.eval.zero_shot.seed, int(i)]))
+                for i in indices[b * local:(b + 1) * local]]
+        pad = {k: np.zeros_like(v) for k, v in mask(texts[0], np.random.default_rng(0)).items()}
+        rows += [pad] * (local - len(rows))
+        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def make_global(batch: dict, sharding) -> dict:

@@ -1,4 +1,4 @@
-"""Procedural synthetic colour-fundus corpus with known ground truth (DATA.md section 1).
+"""Procedural synthetic fundus corpus with known ground truth (DATA.md section 1).
 
 ``SyntheticFundus(CorpusSpec(...))`` is a grain ``RandomAccessDataSource``: every example is a pure
 function of ``(spec, index)``. An example is sampled in two stages from
@@ -6,6 +6,16 @@ function of ``(spec, index)``. An example is sampled in two stages from
 geometry and the texts (``record``), then, continuing the same generator, the rendering details
 (vessel tree, texture) and the image (``__getitem__``). So ``record(i)`` equals ``self[i]`` minus
 ``'image'`` and costs no rendering.
+
+Modalities (``CorpusSpec.modalities``, for KeepFIT V2's multi-modal expert set): CFP (colour fundus
+photograph, the default), FFA (late-phase fluorescein angiogram: grey, bright vessels, leakage as
+bright blobs, blocking lesions dark) and OCT (horizontal B-scan through the fovea: layered bands over
+a bright RPE and a textured choroid). All three render the same sampled eye, as ``uint8 [S, S, 3]``
+(grey replicated for FFA/OCT). An example's modality, and for an FFA/OCT expert example its caption
+(which names the modality and only the findings it shows, see ``_MODALITY_SIGNS``), come from a
+generator of their own, ``default_rng([seed, index, _MODALITY_STREAM])``: the eye, its labels and
+reports are the same whatever the modality, and a CFP-only corpus is bit-identical to one built
+before the modalities existed.
 
 Geometry is sampled in a canonical right-eye frame in normalised coordinates ``u in [-1, 1]``
 (pixel = ``(u + 1) * S / 2``; the field of view has radius ~0.94; the optic disc is on the right,
@@ -22,14 +32,18 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from retina_jax.data.knowledge import (
-    ATTRIBUTES, CATEGORY_DESCRIPTIONS, CONDITION_NAMES_ZH, CONDITIONS, DR_GRADE_CATEGORIES,
+    ATTRIBUTES, CATEGORY_DESCRIPTIONS, CONDITION_FINDINGS, CONDITION_NAMES_ZH, CONDITIONS, DR_GRADE_CATEGORIES,
     DR_GRADE_NAMES_EN, DR_GRADE_NAMES_ZH, FINDING_INDEX, FINDING_SYNONYMS_EN, FINDING_SYNONYMS_ZH,
     FINDINGS,
 )
 
-__all__ = ['CorpusSpec', 'SyntheticFundus', 'dr_grade_from_lesions']
+__all__ = ['CorpusSpec', 'MODALITIES', 'SyntheticFundus', 'dr_grade_from_lesions']
 
 FOV_RADIUS = 0.94
+MODALITIES = ('CFP', 'FFA', 'OCT')
+# Third seed word of an example's modality generator: the modality and its caption come from a stream
+# of their own, so adding modalities leaves every other draw (and a CFP-only corpus) unchanged.
+_MODALITY_STREAM = 0x4D4F44
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +58,8 @@ class CorpusSpec:
     expert_fraction: float = 0.3       # fraction of examples with an MM-Retinal-style expert caption
     difficulty: float = 0.0            # 0 = large, high-contrast lesions; 1 = small, subtle
     single_condition: bool = False     # exactly one condition per image, no comorbidity
+    modalities: tuple[str, ...] = ('CFP',)     # imaging modalities drawn per example (MODALITIES)
+    modality_weights: tuple[float, ...] | None = None   # uniform when None or () (configs write ())
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -57,6 +73,17 @@ class CorpusSpec:
             raise ValueError('condition_weights must have one weight per condition')
         if not 0.0 <= self.difficulty <= 1.0:
             raise ValueError(f'difficulty must be in [0, 1], got {self.difficulty}')
+        mods = (self.modalities,) if isinstance(self.modalities, str) else tuple(self.modalities)
+        if not mods or any(m not in MODALITIES for m in mods) or len(set(mods)) != len(mods):
+            raise ValueError(f'modalities must be a non-empty tuple of distinct names from {MODALITIES}, got {self.modalities!r}')
+        object.__setattr__(self, 'modalities', mods)
+        if self.modality_weights is not None:
+            w = tuple(float(v) for v in self.modality_weights) or None
+            if w is not None and len(w) != len(mods):
+                raise ValueError(f'modality_weights must have one weight per modality ({len(mods)}), got {self.modality_weights!r}')
+            if w is not None and (not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0):
+                raise ValueError(f'modality_weights must be finite, >= 0 and not all 0, got {self.modality_weights!r}')
+            object.__setattr__(self, 'modality_weights', w)
 
 
 def dr_grade_from_lesions(n_ma: int, n_haem: int, haem_quadrants: int, n_exudate: int, n_cws: int,
@@ -286,6 +313,139 @@ def _write_texts(p, rng):
 
 
 # --------------------------------------------------------------------------------------------------
+# modalities: what FFA and OCT show, and their expert captions
+
+# Which findings FFA and an OCT B-scan show, and how an expert caption words them (alternatives, one
+# drawn per caption); () = not visible in that modality. Labels and reports stay the eye's ground
+# truth whatever the modality; only the caption is restricted to this table.
+#   finding              FFA (late-phase angiogram, grey)                 OCT (horizontal B-scan through the fovea)
+#   microaneurysm        bright pinpoint dots                             -
+#   haemorrhage          dark blocking patches                            dark intraretinal cysts + thickening (oedema)
+#   hard exudate         fuzzy bright leakage around the exudates         hyperreflective dots in the outer plexiform /
+#                                                                         nuclear layers with a shadow below [slab]
+#   cotton-wool spot     dark patches of capillary non-perfusion (*)      -
+#   neovascularization   fine bright vessels with profuse fuzzy leakage   -
+#   drusen               faint bright dots (staining)                     dome-shaped RPE elevations [slab]
+#   geographic atrophy   bright window defect                             RPE / outer-retina loss, bright choroid below
+#   enlarged cup         - (disc fluoresces evenly)                       thin nerve fibre and ganglion cell layers,
+#                                                                         thinnest on the disc side
+#   peripapillary atr.   bright peripapillary window defect               - (outside the scan)
+#   tessellation         bright choroidal vessel pattern                  thin choroid, steeply curved profile
+#   bone-spicule pigm.   dark blocking spicules                           -
+#   macular hole         bright window defect at the fovea                full-thickness gap at the fovea, cystic rims
+#   arterial narrowing   thin arteries (the shared vessel geometry)       -
+#   av nicking           vein interrupted at the crossing                 -
+#   cataract haze        blurred, veiled image                            weak, blurred signal
+#   laser scar           bright-rimmed spots with dark centres            - (peripheral)
+# [slab]: a B-scan cuts only the drusen / exudates within _OCT_SLAB of its line (plus their radius);
+# when none is cut the finding is not visible. (*) Cotton-wool spots are ischaemic, so an angiogram
+# shows them dark (non-perfusion), not as leakage.
+_MODALITY_SIGNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    'microaneurysm': (('pinpoint hyperfluorescent microaneurysms', 'multiple hyperfluorescent dots of microaneurysms'), ()),
+    'haemorrhage': (('hypofluorescent blocking from retinal haemorrhages', 'haemorrhages blocking the fluorescence'),
+                    ('cystoid intraretinal fluid with retinal thickening', 'intraretinal cysts of macular oedema')),
+    'hard exudate': (('fuzzy late leakage at the macula', 'focal leakage near the macula'),
+                     ('hyperreflective foci of hard exudates in the outer retina', 'hard exudates as hyperreflective dots with shadowing')),
+    'cotton-wool spot': (('patches of capillary non-perfusion at cotton-wool spots',
+                          'hypofluorescent areas of capillary non-perfusion'), ()),
+    'neovascularization': (('profuse leakage from new vessels', 'leaking neovascularization'), ()),
+    'drusen': (('faint hyperfluorescent staining of drusen', 'small hyperfluorescent drusen at the macula'),
+               ('dome-shaped elevations of the RPE from drusen', 'drusen elevating the retinal pigment epithelium')),
+    'geographic atrophy': (('a well-demarcated hyperfluorescent window defect of geographic atrophy',
+                            'a window defect from geographic atrophy'),
+                           ('loss of the RPE and outer retina with choroidal hypertransmission (geographic atrophy)',
+                            'geographic atrophy with RPE loss and increased signal transmission into the choroid')),
+    'enlarged cup': ((), ('thinning of the nerve fibre and ganglion cell layers towards the disc',
+                          'a thin nerve fibre layer on the disc side, as in increased cupping')),
+    'peripapillary atrophy': (('a peripapillary window defect of peripapillary atrophy', 'hyperfluorescence of peripapillary atrophy'), ()),
+    'tessellation': (('prominent choroidal vessels of a tessellated fundus', 'a visible choroidal vessel pattern (tessellation)'),
+                     ('a thin choroid with a steeply curved posterior profile', 'marked choroidal thinning and posterior curvature')),
+    'bone-spicule pigment': (('hypofluorescent blocking by bone-spicule pigment in the periphery',
+                              'dark bone-spicule pigment blocking the fluorescence'), ()),
+    'macular hole': (('a foveal window defect from a macular hole', 'a round hyperfluorescent spot of a macular hole at the fovea'),
+                     ('a full-thickness macular hole at the fovea', 'a full-thickness macular hole with cystic edges')),
+    'arterial narrowing': (('narrowed arteries', 'attenuated arterioles'), ()),
+    'av nicking': (('arteriovenous nicking at the crossings', 'av nicking'), ()),
+    'cataract haze': (('a veiled, blurred angiogram from hazy media', 'a hazy image from lens opacity'),
+                      ('weak, blurred signal from hazy media', 'reduced signal strength from lens opacity')),
+    'laser scar': (('laser scars with hyperfluorescent rims', 'photocoagulation scars with staining edges'), ()),
+}
+assert set(_MODALITY_SIGNS) == set(FINDINGS[1:])
+
+_OCT_HALF_WIDTH = 0.45    # the B-scan spans fovea x +- this (normalised units): temporal macula to the disc margin
+_OCT_SLAB = 0.06          # a B-scan cuts dot lesions within this distance of its line (plus their radius)
+
+
+def _oct_cut(pts: np.ndarray, p: dict) -> np.ndarray:
+    """The rows of (x, y, r) lesions the foveal B-scan cuts."""
+    fx, fy = p['fovea']
+    ok = (np.abs(pts[:, 1] - fy) < _OCT_SLAB + pts[:, 2]) & (np.abs(pts[:, 0] - fx) < _OCT_HALF_WIDTH - pts[:, 2])
+    return pts[ok]
+
+
+def _visible_findings(p: dict, modality: str) -> list[str]:
+    """Findings of the example that `modality` shows (FINDINGS order)."""
+    present = [f for f in FINDINGS[1:] if f in p['findings']]
+    if modality == 'CFP':
+        return present
+    col = MODALITIES.index(modality) - 1
+    vis = [f for f in present if _MODALITY_SIGNS[f][col]]
+    if modality == 'OCT':
+        L = p['lesions']
+        vis = [f for f in vis if not (f == 'drusen' and not len(_oct_cut(L['drusen'], p)))
+               and not (f == 'hard exudate' and not len(_oct_cut(L['exudates'], p)))]
+    return vis
+
+
+_CAPTION_OPENINGS = {
+    'FFA': ('Fluorescein angiography of the {eye} eye showing', 'Fundus fluorescein angiogram of the {eye} eye showing',
+            'Fluorescein angiogram (FFA) of the {eye} eye demonstrating', 'Late-phase fluorescein angiography, {eye} eye, showing'),
+    'OCT': ('OCT B-scan through the fovea of the {eye} eye showing', 'Horizontal OCT B-scan through the fovea, {eye} eye, showing',
+            'Optical coherence tomography (OCT) of the {eye} macula showing', 'Foveal OCT scan of the {eye} eye demonstrating'),
+}
+_CAPTION_NORMAL = {
+    'FFA': ('Normal fluorescein angiogram of the {eye} eye: the retinal vessels fill evenly without leakage or blockage.',
+            'Fluorescein angiography of the {eye} eye within normal limits, with a normal foveal avascular zone and no leakage.'),
+    'OCT': ('Normal OCT B-scan through the fovea of the {eye} eye with a preserved foveal pit and intact retinal layers.',
+            'OCT of the {eye} macula within normal limits: normal foveal contour, continuous outer retinal bands and RPE.'),
+}
+
+
+def _modality_caption(p: dict, modality: str, rng) -> str:
+    """MM-Retinal-style expert caption of an FFA / OCT image: names the modality and only the findings
+    it shows (_MODALITY_SIGNS), and the conditions those findings belong to."""
+    eye = p['eye']
+    vis = _visible_findings(p, modality)
+    if not vis:
+        return str(rng.choice(_CAPTION_NORMAL[modality])).format(eye=eye)
+    col = MODALITIES.index(modality) - 1
+    order = rng.permutation(len(vis))
+    phrases = [str(rng.choice(_MODALITY_SIGNS[vis[i]][col])) for i in order]
+    names = []
+    for c in p['conditions']:
+        core, opt = CONDITION_FINDINGS[c]
+        if set(core + opt) & set(vis):
+            # an angiogram grades DR (new vessels, non-perfusion); a B-scan does not
+            names.append(DR_GRADE_NAMES_EN[p['dr_grade']] if c == 'diabetic retinopathy' and modality == 'FFA' else c)
+    caption = f"{str(rng.choice(_CAPTION_OPENINGS[modality])).format(eye=eye)} {_join_en(phrases, rng)}"
+    return caption + (f", consistent with {' and '.join(names)}." if names else '.')
+
+
+def _draw_modality(spec: CorpusSpec, index: int, p: dict) -> None:
+    """Sets p['modality'] (and the caption of an FFA / OCT expert example) from the example's own
+    modality generator; the default CFP-only corpus draws nothing."""
+    if spec.modalities == ('CFP',):
+        p['modality'] = 'CFP'
+        return
+    rng = np.random.default_rng([spec.seed, index, _MODALITY_STREAM])
+    mods = spec.modalities
+    w = np.asarray(spec.modality_weights or [1.0] * len(mods), float)
+    p['modality'] = mods[int(rng.choice(len(mods), p=w / w.sum()))] if len(mods) > 1 else mods[0]
+    if p['modality'] != 'CFP' and p['is_expert']:
+        p['caption'] = _modality_caption(p, p['modality'], rng)
+
+
+# --------------------------------------------------------------------------------------------------
 # sampling
 
 def _sample(spec: CorpusSpec, rng: np.random.Generator) -> dict:
@@ -313,7 +473,7 @@ def _sample(spec: CorpusSpec, rng: np.random.Generator) -> dict:
     cdr = _u(rng, 0.2, 0.4)
     dr_grade = 0
 
-    def add_haem(n, flame_only=False, quadrants4=False):
+    def abdhaem(n, flame_only=False, quadrants4=False):
         if quadrants4:
             per = max(5, n // 4)
             pts = np.concatenate([_scatter(rng, per, 0.15, 0.85, disc, fovea, (k * math.pi / 2, (k + 1) * math.pi / 2)) for k in range(4)])
@@ -326,7 +486,7 @@ def _sample(spec: CorpusSpec, rng: np.random.Generator) -> dict:
         L['haem'] = np.concatenate([L['haem'], np.concatenate([pts, size[:, None], kind[:, None], asp[:, None]], 1)])
         findings.add('haemorrhage')
 
-    def add_cws(n):
+    def abdcws(n):
         pts = _scatter(rng, n, 0.2, 0.5, disc, fovea)
         L['cws'] = np.concatenate([L['cws'], np.concatenate([pts, (_u(rng, 0.03, 0.05, len(pts)) * big)[:, None]], 1)])
         findings.add('cotton-wool spot')
@@ -342,12 +502,12 @@ def _sample(spec: CorpusSpec, rng: np.random.Generator) -> dict:
             findings.add('microaneurysm')
             if g >= 2:
                 if g == 2:
-                    add_haem(_ri(rng, 3, 8))
+                    abdhaem(_ri(rng, 3, 8))
                 elif g == 3:
-                    add_haem(_ri(rng, 20, 30), quadrants4=True)
+                    abdhaem(_ri(rng, 20, 30), quadrants4=True)
                     L['beading'] = bool(rng.random() < 0.5)
                 else:
-                    add_haem(_ri(rng, 6, 20))
+                    abdhaem(_ri(rng, 6, 20))
                 if rng.random() < {2: 0.8, 3: 0.85, 4: 0.7}[g]:
                     findings.add('hard exudate')
                     ring = bool(rng.random() < 0.5)
@@ -368,7 +528,7 @@ def _sample(spec: CorpusSpec, rng: np.random.Generator) -> dict:
                         ex.append(np.concatenate([q, (_u(rng, 0.008, 0.016, k) * (1 - 0.35 * d))[:, None]], 1))
                     L['exudates'] = np.concatenate(ex)
                 if rng.random() < {2: 0.3, 3: 0.7, 4: 0.5}[g]:
-                    add_cws(_ri(rng, 1, 5))
+                    abdcws(_ri(rng, 1, 5))
                 if g == 4:
                     findings.add('neovascularization')
                     L['nv_at_disc'] = bool(rng.random() < 0.6)
@@ -423,9 +583,9 @@ def _sample(spec: CorpusSpec, rng: np.random.Generator) -> dict:
             L['narrow'] = min(L['narrow'], 0.5)
             L['nicks'] = _ri(rng, 3, 6)
             if rng.random() < 0.4:
-                add_haem(_ri(rng, 3, 8), flame_only=True)
+                abdhaem(_ri(rng, 3, 8), flame_only=True)
             if rng.random() < 0.35:
-                add_cws(_ri(rng, 1, 4))
+                abdcws(_ri(rng, 1, 4))
     p['lesions'] = L
     p['findings'] = findings
     p['cdr'] = round(float(cdr), 2)
@@ -464,11 +624,11 @@ def _grid(S: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _fov_mask(S: int) -> Image.Image:
+def _fov_mask(S: int, mode: str = 'RGB') -> Image.Image:
     c, r2 = _grid(S)
     edge = 2.0 / S * 1.2
     m = np.clip((FOV_RADIUS - np.sqrt(r2)) / edge + 0.5, 0, 1)
-    return Image.fromarray((m * 255).astype(np.uint8)).convert('RGB')
+    return Image.fromarray((m * 255).astype(np.uint8)).convert(mode)
 
 
 def _resize_f(a: np.ndarray, S: int) -> np.ndarray:
@@ -588,18 +748,116 @@ def _ell_poly(cv, rng, x, y, rx, ry, ang, jitter, n=12):
     return list(zip(px.tolist(), py.tolist()))
 
 
+def _choroidal_vessels(rng, S):
+    """Large choroidal vessels seen through a thin RPE (tessellation): [S, S] float in [0, 1], 1 on a vessel."""
+    tc = _Canvas(S, 0.25)
+    tm = Image.new('L', (tc.s, tc.s), 0)
+    td = ImageDraw.Draw(tm)
+    k = 70
+    st = rng.uniform(-0.95, 0.95, (k, 2))
+    P, _ = _grow(rng, st, rng.uniform(0, 2 * math.pi, k), rng.uniform(-1, 1, k), rng.uniform(0.25, 0.5, k), 0.35, 6)
+    for i in range(k):
+        td.line([tuple(v) for v in ((P[i] + 1) * tc.h).tolist()], fill=255, width=max(1, int(_u(rng, 0.04, 0.07) * tc.h)))
+    tm = tm.filter(ImageFilter.GaussianBlur(max(0.8, 0.02 * tc.h)))
+    return np.asarray(tm.resize((S, S), Image.BILINEAR), np.float32) / 255.0
+
+
+def _draw_vessels(md, cv, rng, tree, L, vein_c, art_c, gap_c):
+    """The vessel tree with venous beading and AV nicks; `gap_c` is the layer's no-vessel value, which
+    hides the vein on either side of a nicking artery."""
+    for pts, w0, is_art in sorted(tree, key=lambda t: t[2]):      # veins first, arteries on top
+        _draw_polyline(md, cv, pts, w0, art_c if is_art else vein_c)
+    veins = [t for t in tree if not t[2] and t[1] > 0.012]
+    if L['beading']:
+        for pts, w0, _ in veins[:4]:
+            for i in range(4, len(pts) - 4, 3):
+                md.ellipse(cv.box(pts[i, 0], pts[i, 1], w0 * 0.9), fill=vein_c)
+    for j in range(L['nicks']):
+        pts, w0, _ = veins[j % len(veins)]
+        i = int(rng.integers(5, len(pts) - 5))
+        x, y = pts[i]
+        md.ellipse(cv.box(x, y, w0 * 1.8), fill=gap_c)
+        a = math.atan2(pts[i + 1, 1] - pts[i - 1, 1], pts[i + 1, 0] - pts[i - 1, 0]) + math.pi / 2 + _u(rng, -0.4, 0.4)
+        ln = w0 * 3.5
+        md.line([cv.xy(x - ln * math.cos(a), y - ln * math.sin(a)), cv.xy(x + ln * math.cos(a), y + ln * math.sin(a))],
+                fill=art_c, width=max(1, int(round(0.6 * w0 * cv.h))))
+
+
+def _draw_haem(md, cv, rng, h, disc, col):
+    """One haemorrhage (x, y, r, kind, aspect): 0 dot, 1 blot, 2 flame (along the nerve fibres, radial from the disc)."""
+    x, y, r, kind, asp = h
+    if kind == 2:
+        a = math.atan2(y - disc[1], x - disc[0]) + _u(rng, -0.3, 0.3)
+        md.polygon(_ell_poly(cv, rng, x, y, r * 1.7, r * 0.45, a, 0.1), fill=col)
+    elif kind == 1:                                     # blot: irregular
+        md.polygon(_ell_poly(cv, rng, x, y, r, r * asp, _u(rng, 0, math.pi), 0.25), fill=col)
+    else:
+        md.ellipse(cv.box(x, y, r * 0.6), fill=col)
+
+
+def _draw_nv(md, cv, rng, tufts, col):
+    """Neovascularization: 9 fine tortuous vessels from each tuft centre."""
+    for cx, cy in tufts:
+        k = 9
+        st = np.array([cx, cy]) + rng.normal(0, 0.02, (k, 2))
+        P, _ = _grow(rng, st, rng.uniform(0, 2 * math.pi, k), rng.uniform(-3, 3, k), rng.uniform(0.08, 0.16, k), 0.7, 9)
+        for i in range(k):
+            md.line([tuple(v) for v in ((P[i] + 1) * cv.h).tolist()], fill=col, width=max(1, int(round(0.005 * cv.h))))
+
+
+def _draw_spicules(md, cv, rng, spicules, col):
+    """Bone-spicule pigment: 3-5 thin arms from each centre."""
+    for x, y, r in spicules:
+        n_arm = _ri(rng, 3, 5)
+        a = rng.uniform(0, 2 * math.pi, n_arm)
+        ln = r * rng.uniform(0.6, 1.2, n_arm)
+        wpx = max(1, int(round(0.007 * cv.h)))
+        for j in range(n_arm):
+            md.line([cv.xy(x, y), cv.xy(x + ln[j] * math.cos(a[j]), y + ln[j] * math.sin(a[j]))], fill=col, width=wpx)
+
+
+def _haze(img, S, amount, colour):
+    """Media haze (cataract): detail lost, then veiled by `colour`."""
+    k = max(2, S // 40)
+    blurred = img.reduce(k).filter(ImageFilter.GaussianBlur(0.8)).resize((S, S), Image.BILINEAR)
+    return Image.blend(blurred, Image.new(img.mode, (S, S), colour), amount)
+
+
+def _quality(img, attrs, rng, S, fov=True):
+    """Quality attributes (blur, exposure, noise) on an RGB or L image, then the field-of-view mask
+    (`fov`; an OCT B-scan has none). Returns a uint8 array."""
+    if 'blurred' in attrs:
+        img = img.filter(ImageFilter.GaussianBlur(S * _u(rng, 0.006, 0.012)))
+    if 'underexposed' in attrs or 'overexposed' in attrs:
+        x = np.arange(256) / 255.0
+        if 'underexposed' in attrs:
+            lut = 255 * _u(rng, 0.4, 0.55) * x ** _u(rng, 1.2, 1.5)
+        else:
+            lut = 255 * np.minimum(1, _u(rng, 1.5, 1.9) * x ** _u(rng, 0.65, 0.8) + 0.08)
+        img = img.point(np.clip(lut, 0, 255).astype(np.uint8).tolist() * len(img.getbands()))
+    if fov:
+        img = ImageChops.multiply(img, _fov_mask(S, img.mode))
+    a = np.asarray(img)
+    if 'noisy' in attrs:
+        noise = rng.standard_normal(a.shape, dtype=np.float32) * _u(rng, 10, 18)
+        a = np.clip(a + noise, 0, 255).astype(np.uint8)
+        if fov:
+            a = np.asarray(ImageChops.multiply(Image.fromarray(a), _fov_mask(S, img.mode)))
+    return a
+
+
 def _mul(f):
     return tuple(int(max(0, min(255, round(v * 255)))) for v in f)
 
 
-def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
+def _frame(spec: CorpusSpec, p: dict):
+    """What every fundus renderer starts from: size, difficulty, lesions, disc, fovea, grid, canvas."""
     S = spec.image_size
-    d = float(spec.difficulty)
-    L = p['lesions']
-    dx, dy, dr = p['disc']
-    fx, fy = p['fovea']
-    c, r2 = _grid(S)
-    cv = _Canvas(S)
+    return S, float(spec.difficulty), p['lesions'], p['disc'], p['fovea'], _grid(S), _Canvas(S)
+
+
+def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
+    S, d, L, (dx, dy, dr), (fx, fy), (c, r2), cv = _frame(spec, p)
 
     # ---- background: colour * vignette * texture * macula (* tessellation)
     base = np.array([_u(rng, 195, 228), _u(rng, 78, 108), _u(rng, 30, 55)], np.float32)
@@ -613,16 +871,7 @@ def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
     shade *= 1 - _u(rng, 0.25, 0.38) * np.outer(gy, gx)
     bg = shade[:, :, None] * base
     if 'tessellation' in p['findings']:
-        tc = _Canvas(S, 0.25)
-        tm = Image.new('L', (tc.s, tc.s), 0)
-        td = ImageDraw.Draw(tm)
-        k = 70
-        st = rng.uniform(-0.95, 0.95, (k, 2))
-        P, _ = _grow(rng, st, rng.uniform(0, 2 * math.pi, k), rng.uniform(-1, 1, k), rng.uniform(0.25, 0.5, k), 0.35, 6)
-        for i in range(k):
-            td.line([tuple(v) for v in ((P[i] + 1) * tc.h).tolist()], fill=255, width=max(1, int(_u(rng, 0.04, 0.07) * tc.h)))
-        tm = tm.filter(ImageFilter.GaussianBlur(max(0.8, 0.02 * tc.h)))
-        lines = np.asarray(tm.resize((S, S), Image.BILINEAR), np.float32) / 255.0
+        lines = _choroidal_vessels(rng, S)
         kk = L['tess'] * np.array([0.42, 0.55, 0.4], np.float32)
         bg *= 1 - (1 - lines)[:, :, None] * kk
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
@@ -650,50 +899,15 @@ def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
     md = ImageDraw.Draw(M)
     vein_c = _mul((0.56 + _u(rng, -0.04, 0.04), 0.34, 0.42))
     art_c = _mul((0.8 + _u(rng, -0.04, 0.04), 0.6, 0.66) if L['narrow'] >= 1 else (0.88, 0.72, 0.76))
-    tree = _vessel_tree(rng, p['disc'], L['narrow'])
-    for pts, w0, is_art in sorted(tree, key=lambda t: t[2]):      # veins first, arteries on top
-        _draw_polyline(md, cv, pts, w0, art_c if is_art else vein_c)
-    veins = [t for t in tree if not t[2] and t[1] > 0.012]
-    if L['beading']:
-        for pts, w0, _ in veins[:4]:
-            for i in range(4, len(pts) - 4, 3):
-                md.ellipse(cv.box(pts[i, 0], pts[i, 1], w0 * 0.9), fill=vein_c)
-    for j in range(L['nicks']):
-        pts, w0, _ = veins[j % len(veins)]
-        i = int(rng.integers(5, len(pts) - 5))
-        x, y = pts[i]
-        md.ellipse(cv.box(x, y, w0 * 1.8), fill=(255, 255, 255))
-        a = math.atan2(pts[i + 1, 1] - pts[i - 1, 1], pts[i + 1, 0] - pts[i - 1, 0]) + math.pi / 2 + _u(rng, -0.4, 0.4)
-        ln = w0 * 3.5
-        md.line([cv.xy(x - ln * math.cos(a), y - ln * math.sin(a)), cv.xy(x + ln * math.cos(a), y + ln * math.sin(a))],
-                fill=art_c, width=max(1, int(round(0.6 * w0 * cv.h))))
+    _draw_vessels(md, cv, rng, _vessel_tree(rng, p['disc'], L['narrow']), L, vein_c, art_c, (255, 255, 255))
     contrast = 1 - 0.5 * d
     haem_c = np.array([0.6, 0.18, 0.2])
     for x, y, r in L['ma']:
         md.ellipse(cv.box(x, y, r), fill=_mul(1 - (1 - haem_c * _u(rng, 0.9, 1.1)) * contrast))
-    for x, y, r, kind, asp in L['haem']:
-        col = _mul(1 - (1 - haem_c * _u(rng, 0.85, 1.15)) * contrast)
-        if kind == 2:                                   # flame: along the nerve fibres (radial from the disc)
-            a = math.atan2(y - dy, x - dx) + _u(rng, -0.3, 0.3)
-            md.polygon(_ell_poly(cv, rng, x, y, r * 1.7, r * 0.45, a, 0.1), fill=col)
-        elif kind == 1:                                 # blot: irregular
-            md.polygon(_ell_poly(cv, rng, x, y, r, r * asp, _u(rng, 0, math.pi), 0.25), fill=col)
-        else:                                           # dot
-            md.ellipse(cv.box(x, y, r * 0.6), fill=col)
-    for cx, cy in L['nv']:
-        k = 9
-        st = np.array([cx, cy]) + rng.normal(0, 0.02, (k, 2))
-        P, _ = _grow(rng, st, rng.uniform(0, 2 * math.pi, k), rng.uniform(-3, 3, k), rng.uniform(0.08, 0.16, k), 0.7, 9)
-        for i in range(k):
-            md.line([tuple(v) for v in ((P[i] + 1) * cv.h).tolist()], fill=_mul((0.62, 0.35, 0.45)), width=max(1, int(round(0.005 * cv.h))))
-    pig = _mul(np.array([0.22, 0.2, 0.26]) * (1 + d) )
-    for x, y, r in L['spicules']:
-        n_arm = _ri(rng, 3, 5)
-        a = rng.uniform(0, 2 * math.pi, n_arm)
-        ln = r * rng.uniform(0.6, 1.2, n_arm)
-        wpx = max(1, int(round(0.007 * cv.h)))
-        for j in range(n_arm):
-            md.line([cv.xy(x, y), cv.xy(x + ln[j] * math.cos(a[j]), y + ln[j] * math.sin(a[j]))], fill=pig, width=wpx)
+    for h in L['haem']:
+        _draw_haem(md, cv, rng, h, p['disc'], _mul(1 - (1 - haem_c * _u(rng, 0.85, 1.15)) * contrast))
+    _draw_nv(md, cv, rng, L['nv'], _mul((0.62, 0.35, 0.45)))
+    _draw_spicules(md, cv, rng, L['spicules'], _mul(np.array([0.22, 0.2, 0.26]) * (1 + d)))
     scar_c = _mul((0.42, 0.33, 0.32))
     for x, y, r in L['scars']:
         md.ellipse(cv.box(x, y, r), fill=scar_c)
@@ -725,28 +939,235 @@ def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
 
     # ---- global effects: cataract haze, then quality attributes
     if L['haze'] > 0:
-        k = max(2, S // 40)
-        blurred = img.reduce(k).filter(ImageFilter.GaussianBlur(0.8)).resize((S, S), Image.BILINEAR)
-        img = Image.blend(blurred, Image.new('RGB', (S, S), (200, 168, 140)), L['haze'])
-    attrs = p['atributes']
-    if 'blurred' in attrs:
-        img = img.filter(ImageFilter.GaussianBlur(S * _u(rng, 0.006, 0.012)))
-    if 'underexposed' in attrs or 'overexposed' in attrs:
-        x = np.arange(256) / 255.0
-        if 'underexposed' in attrs:
-            lut = 255 * _u(rng, 0.4, 0.55) * x ** _u(rng, 1.2, 1.5)
-        else:
-            lut = 255 * np.minimum(1, _u(rng, 1.5, 1.9) * x ** _u(rng, 0.65, 0.8) + 0.08)
-        img = img.point(np.clip(lut, 0, 255).astype(np.uint8).tolist() * 3)
-    img = ImageChops.multiply(img, _fov_mask(S))
-    a = np.asarray(img)
-    if 'noisy' in attrs:
-        noise = rng.standard_normal((S, S, 3), dtype=np.float32) * _u(rng, 10, 18)
-        a = np.clip(a + noise, 0, 255).astype(np.uint8)
-        a = np.asarray(ImageChops.multiply(Image.fromarray(a), _fov_mask(S)))
+        img = _haze(img, S, L['haze'], (200, 168, 140))
+    a = _quality(img, p['atributes'], rng, S)
     if p['eye'] == 'left':
         a = a[:, ::-1]
     return np.ascontiguousarray(a)
+
+
+def _grey_rgb(a: np.ndarray, eye: str) -> np.ndarray:
+    """Grey [S, S] -> mirrored for a left eye, replicated into 3 channels (the pipeline's image layout)."""
+    if eye == 'left':
+        a = a[:, ::-1]
+    return np.ascontiguousarray(np.repeat(a[:, :, None], 3, 2))
+
+
+def _render_ffa(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
+    """Late-phase fluorescein angiogram (grey): what each finding looks like is in _MODALITY_SIGNS."""
+    S, d, L, (dx, dy, dr), (fx, fy), (c, r2), cv = _frame(spec, p)
+    contrast = 1 - 0.5 * d
+
+    # ---- background: dim mottled choroidal flush, darker macula, dark foveal avascular zone
+    low = _resize_f(rng.uniform(0.7, 1.3, (7, 7)), 28) * rng.uniform(0.9, 1.1, (28, 28))
+    shade = _resize_f(low, S) * (1 - _u(rng, 0.35, 0.5) * r2)
+    sig = _u(rng, 0.12, 0.16)
+    dxf, dyf = (c - fx) ** 2, (c - fy) ** 2
+    shade *= 1 - _u(rng, 0.2, 0.3) * np.outer(np.exp(-dyf / (2 * sig ** 2)), np.exp(-dxf / (2 * sig ** 2))) \
+        - _u(rng, 0.3, 0.45) * np.outer(np.exp(-dyf / (2 * 0.03 ** 2)), np.exp(-dxf / (2 * 0.03 ** 2)))
+    bg = shade * _u(rng, 55, 75)
+    if 'tessellation' in p['findings']:
+        bg *= 1 + _choroidal_vessels(rng, S) * 0.8 * L['tess']
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+
+    # ---- window defects and staining under the vessels: GA, PPA, disc, macular hole, drusen
+    if L['ga'] is not None:
+        gxx, gyy, grr = L['ga']
+        blobs = [(gxx + _u(rng, -0.4, 0.4) * grr, gyy + _u(rng, -0.4, 0.4) * grr, grr * _u(rng, 0.6, 1.0)) for _ in range(3)]
+        _soft_paste(img, S, 0.5, 0.005, (215,), lambda dd, cc: [dd.ellipse(cc.box(*b), fill=int(200 * contrast + 30)) for b in blobs])
+    ppa = L.get('ppa')
+    disc_rx = dr * (0.82 if ppa else 1.0)
+    if ppa:
+        _soft_paste(img, S, 0.5, 0.004, (165,),
+                    lambda dd, cc: dd.ellipse(cc.box(dx - 0.3 * dr * ppa, dy, dr * ppa * 0.85, dr * 1.15), fill=220))
+    _soft_paste(img, S, 1.0, 0.008, (_u(rng, 165, 195),), lambda dd, cc: dd.ellipse(cc.box(dx, dy, disc_rx, dr * 1.08), fill=255))
+    if L['hole'] is not None:
+        _soft_paste(img, S, 1.0, 0.004, (200,), lambda dd, cc: dd.ellipse(cc.box(fx, fy, L['hole']), fill=int(200 * contrast + 40)))
+    if len(L['drusen']):
+        vals = rng.integers(110, 170, len(L['drusen'])) * contrast
+        _soft_paste(img, S, 1.0, 0.005, (170,),
+                    lambda dd, cc: [dd.ellipse(cc.box(x, y, r), fill=int(v)) for (x, y, r), v in zip(L['drusen'], vals)])
+
+    # ---- hyperfluorescent vessels (the CFP tree geometry), new vessels; the brighter of layer and image
+    V = Image.new('L', (S, S), 0)
+    vd = ImageDraw.Draw(V)
+    vein_c, art_c = int(_u(rng, 205, 230)), int(_u(rng, 190, 215))
+    _draw_vessels(vd, cv, rng, _vessel_tree(rng, p['disc'], L['narrow']), L, vein_c, art_c, 0)
+    _draw_nv(vd, cv, rng, L['nv'], 230)
+    if S >= 160:
+        V = V.filter(ImageFilter.GaussianBlur(0.45 * S / 512 + 0.25))
+    img = ImageChops.lighter(img, V)
+
+    # ---- blocked fluorescence (multiplicative): haemorrhages, non-perfusion, pigment, scar centres
+    D = Image.new('L', (S, S), 255)
+    bd = ImageDraw.Draw(D)
+    for h in L['haem']:
+        _draw_haem(bd, cv, rng, h, p['disc'], int(255 * (1 - 0.8 * contrast * _u(rng, 0.85, 1.05))))
+    _draw_spicules(bd, cv, rng, L['spicules'], int(255 * (1 - 0.8 * contrast)))
+    for x, y, r in L['scars']:
+        bd.ellipse(cv.box(x, y, r * 0.6), fill=70)
+    if len(L['cws']):
+        blobs = [(x, y, r * 1.3) for x, y, r in L['cws']]
+        _soft_paste(D, S, 0.5, 0.01, (int(255 * (1 - 0.65 * contrast)),), lambda dd, cc: [dd.ellipse(cc.box(*b), fill=230) for b in blobs])
+    if S >= 160:
+        D = D.filter(ImageFilter.GaussianBlur(0.45 * S / 512 + 0.25))
+    img = ImageChops.multiply(img, D)
+
+    # ---- hyperfluorescent lesions on top: microaneurysms, leakage (new vessels, macular), scar rims
+    draw = ImageDraw.Draw(img)
+    for x, y, r in L['ma']:
+        draw.ellipse(cv.box(x, y, r), fill=int(255 - 45 * (1 - contrast) - _u(rng, 0, 20)))
+    for x, y, r in L['scars']:
+        draw.ellipse(cv.box(x, y, r * 0.95), outline=int(190 * contrast + 40), width=max(1, int(round(0.25 * r * cv.h))))
+    if L['nv']:
+        tufts = [(x, y, _u(rng, 0.045, 0.07)) for x, y in L['nv']]
+        _soft_paste(img, S, 0.5, 0.025, (240,), lambda dd, cc: [dd.ellipse(cc.box(*t), fill=int(210 * contrast + 30)) for t in tufts])
+    if len(L['exudates']):
+        _soft_paste(img, S, 0.5, 0.02, (215,), lambda dd, cc: [dd.ellipse(cc.box(x, y, r * 2.5), fill=int(120 * contrast))
+                                                                for x, y, r in L['exudates']])
+
+    # ---- media haze, quality attributes, field of view
+    if L['haze'] > 0:
+        img = _haze(img, S, L['haze'], 95)
+    return _grey_rgb(_quality(img, p['atributes'], rng, S), p['eye'])
+
+
+# OCT bands from the retinal surface down: (name, reflectivity). Below them: Bruch's membrane, the
+# textured choroid and the sclera; above: the vitreous. Indices are those of `lay` in _render_oct.
+_OCT_BANDS = (('vitreous', 0.03), ('nerve fibre', 0.78), ('ganglion cell', 0.42), ('inner plexiform', 0.58),
+              ('inner nuclear', 0.2), ('outer plexiform', 0.55), ('outer nuclear', 0.1), ('external limiting membrane', 0.38),
+              ('myoid', 0.12), ('ellipsoid zone', 0.82), ('interdigitation', 0.32), ('RPE', 0.97), ('drusen', 0.45),
+              ('Bruch', 0.7), ('choroid', 0.0), ('sclera', 0.0))
+_OCT_LEVELS = np.array([r for _, r in _OCT_BANDS], np.float32)
+_INL, _ONL, _ELM, _RPE, _DRUSEN, _CHOROID, _SCLERA = 4, 6, 7, 11, 12, 14, 15
+
+
+def _oct_blob(R, cx, cy, rx, ry, value, shadow=1.0):
+    """Fills an ellipse (pixel units) of R with `value`; `shadow` < 1 darkens the columns below it."""
+    S = R.shape[0]
+    c0, c1 = max(0, int(cx - rx)), min(S, int(math.ceil(cx + rx)) + 1)
+    r0, r1 = max(0, int(cy - ry)), min(S, int(math.ceil(cy + ry)) + 1)
+    if c0 >= c1 or r0 >= r1:
+        return
+    jj = (np.arange(c0, c1) + 0.5 - cx) / rx
+    ii = (np.arange(r0, r1) + 0.5 - cy) / ry
+    m = ii[:, None] ** 2 + jj[None, :] ** 2 < 1
+    R[r0:r1, c0:c1][m] = value
+    if shadow < 1:
+        R[r1:, c0:c1] *= shadow
+
+
+def _render_oct(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
+    """Horizontal OCT B-scan through the fovea (grey, depth down the rows), in the canonical right-eye
+    frame (disc side on the right), mirrored for a left eye. Column j images fundus x = fovea x +
+    _OCT_HALF_WIDTH * (2 (j + 0.5) / S - 1); depths are fractions of the image height."""
+    S, d, L, (dx, dy, dr), (fx, fy), _, _ = _frame(spec, p)
+    F = p['findings']
+    contrast = 1 - 0.5 * d
+    W = _OCT_HALF_WIDTH
+    xs = ((np.arange(S, dtype=np.float32) + 0.5) / S * 2 - 1) * W      # fundus x - fovea x per column (nasal > 0)
+    z = ((np.arange(S, dtype=np.float32) + 0.5) / S)[:, None]           # depth per row
+    u = xs / W
+    # anatomy, texture and speckle are drawn before any lesion, so a lesion that draws nothing (the
+    # macular hole, drusen) changes only its own pixels: the tests render an eye with and without one
+    zc, curv, tilt = _u(rng, 0.6, 0.64), _u(rng, 0.03, 0.07), _u(rng, -0.03, 0.03)
+    sig_pit = _u(rng, 0.045, 0.06)
+    th = rng.uniform(0.9, 1.1, 6).astype(np.float32)
+    ch = _u(rng, 0.07, 0.1)
+    tex = _resize_f(rng.uniform(0, 1, (6, 20)), S)
+    speckle = rng.standard_normal((S, S), dtype=np.float32)
+    gain = _u(rng, 0.92, 1.08)
+    if 'tessellation' in F:                      # pathologic myopia: deeper, steeply curved globe, thin choroid
+        zc, curv, ch = zc + 0.05 * L['tess'], curv + 0.15 * L['tess'], ch * (1 - 0.75 * L['tess'])
+
+    # ---- per-column band thicknesses
+    pit = np.exp(-xs ** 2 / (2 * sig_pit ** 2))
+    to_disc = np.clip(xs / max(dx - dr - fx, 0.2), 0, 1)
+    rnfl = (0.006 + 0.004 * np.clip(-u, 0, 1) + 0.03 * to_disc ** 1.5) * th[0]
+    gcl = 0.026 * th[1] * (1 + 0.3 * to_disc)
+    cup = min(1.0, max(0.0, (p['cdr'] - 0.4) / 0.45))     # glaucoma: nerve fibre / ganglion cell loss, worst disc side
+    if cup > 0:
+        loss = cup * (0.55 + 0.45 * to_disc)
+        rnfl, gcl = rnfl * (1 - 0.75 * loss), gcl * (1 - 0.55 * loss)
+    inl, onl = np.full(S, 0.022 * th[3], np.float32), 0.05 * th[4] + 0.025 * pit
+    depth_pit = 0.97
+    if 'haemorrhage' in F:                       # macular oedema: thickened, shallower fovea (cysts below)
+        sw = 0.035 * contrast * np.exp(-xs ** 2 / (2 * 0.1 ** 2))
+        inl, onl, depth_pit = inl + 0.3 * sw, onl + 0.7 * sw, 0.6
+    if L['hole'] is not None:                    # raised, thickened hole edges
+        rim = 0.05 * contrast * np.exp(-(xs / 0.08) ** 2)
+        inl, onl, depth_pit = inl + 0.4 * rim, onl + 0.6 * rim, 0.5
+    inner = 1 - depth_pit * pit
+    ga_w = np.zeros(S, np.float32)
+    if L['ga'] is not None:                      # columns where the scan crosses the atrophy (soft edge)
+        gxx, gyy, grr = L['ga']
+        hc = math.sqrt(max(grr ** 2 - (gyy - fy) ** 2, (0.5 * grr) ** 2))
+        ga_w = np.clip((hc - np.abs(xs - (gxx - fx))) / 0.012 + 0.5, 0, 1) * (0.6 + 0.4 * contrast)
+        onl = onl * (1 - 0.5 * ga_w)
+    bump = np.zeros(S, np.float32)
+    for x, y, r in _oct_cut(L['drusen'], p):     # drusen: domes between the RPE and Bruch's membrane
+        bump = np.maximum(bump, 0.8 * r * np.sqrt(np.clip(1 - ((xs - (x - fx)) / (1.4 * r)) ** 2, 0, 1)))
+    tops = [rnfl * inner, gcl * inner, 0.02 * th[2] * inner, inl * inner, 0.014 * th[5] * inner, onl,
+            np.full(S, 0.004), np.full(S, 0.009), np.full(S, 0.007), np.full(S, 0.007), np.full(S, 0.013), bump]
+    zb = zc - curv * u ** 2 + tilt * u                                   # Bruch's membrane
+    B = np.stack([zb - np.sum(tops[k:], 0) for k in range(len(tops))] + [zb, zb + 0.003, zb + 0.003 + ch]).astype(np.float32)
+    lay = np.zeros((S, S), np.int8)
+    for b in B:
+        lay += z >= b[None, :]
+    R = _OCT_LEVELS[lay]
+
+    # ---- choroid (texture in flattened depth, vessel lumens dark, fading) and sclera
+    dch = (z - B[-2][None, :]) / ch
+    idx = np.clip((dch * (S - 1)).astype(np.int32), 0, S - 1)
+    T = tex[idx, np.arange(S)[None, :]]
+    chor = 0.6 * (0.3 + 0.7 * np.clip((T - 0.3) / 0.4, 0, 1)) * (1 - 0.4 * np.clip(dch, 0, 1))
+    R = np.where(lay == _CHOROID, chor, R)
+    R = np.where(lay == _SCLERA, 0.22 * np.exp(-(z - B[-1][None, :]) / 0.12), R)
+    if ga_w.any():                               # RPE / outer retina lost, light reaches the choroid
+        R = np.where((lay >= _ELM) & (lay <= _RPE), R * (1 - ga_w) + 0.08 * ga_w, R)
+        R = np.where(lay > _DRUSEN, np.minimum(1, R * (1 + ga_w)), R)
+
+    # ---- holes, cysts and dots (pixel units)
+    px = S / (2 * W)                             # pixels per normalised fundus unit, across
+
+    def col(x):                                  # pixel column of fundus x - fovea x
+        return (x + W) * px
+
+    def mid(k, j):                               # pixel row at the middle of band k in column j
+        return 0.5 * (B[k - 1, j] + B[k, j]) * S
+    if L['hole'] is not None:
+        hr = L['hole'] * (0.6 + 0.4 * contrast)
+        t = np.clip((z - B[0][None, :]) / (B[_RPE - 1] - B[0])[None, :], 0, 1)
+        R = np.where((lay >= 1) & (lay < _RPE) & (np.abs(xs)[None, :] < hr * (0.5 + 0.6 * t)), _OCT_LEVELS[0], R)
+        for sgn in (-1, 1):
+            for off, k in ((0.022, _INL), (0.045, _ONL), (0.03, _ONL)):
+                j = int(np.clip(col(sgn * (hr + off)), 0, S - 1))
+                _oct_blob(R, col(sgn * (hr + off)), mid(k, j), 0.014 * px, 0.35 * (B[k, j] - B[k - 1, j]) * S + 0.5, 0.05)
+        j = S // 2                              # operculum floating above the hole
+        _oct_blob(R, col(0.0), (B[0, j] - 0.04) * S, hr * px * 0.7, 0.006 * S + 0.5, 0.5)
+    if 'haemorrhage' in F:
+        for _ in range(min(10, 3 + len(L['haem']) // 3)):
+            x, k = _u(rng, -0.18, 0.18), (_INL, _ONL)[int(rng.integers(2))]
+            j = int(np.clip(col(x), 0, S - 1))
+            h = (B[k, j] - B[k - 1, j]) * S
+            _oct_blob(R, col(x), mid(k, j), _u(rng, 0.01, 0.028) * px, h * _u(rng, 0.3, 0.45) + 0.5, 0.05)
+    for x, y, r in _oct_cut(L['exudates'], p):
+        j = int(np.clip(col(x - fx), 0, S - 1))
+        _oct_blob(R, col(x - fx), B[_ONL - 1, j] * S + _u(rng, -1, 2), max(0.8, 0.8 * r * px), max(0.8, 0.6 * r * px),
+                  0.95 * contrast + 0.3 * (1 - contrast), shadow=0.55)
+
+    # ---- optics: soft band edges, speckle, media haze; quality attributes; mirror for a left eye
+    img = Image.fromarray(np.clip(R * (255 * gain), 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(max(0.4, 0.5 * S / 256)))
+    a = np.asarray(img, np.float32) * np.exp(0.4 * speckle - 0.08) + 5 * np.abs(speckle)
+    if L['haze'] > 0:
+        hazy = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.004 * S + 0.5))
+        a = np.asarray(hazy, np.float32) * (1 - 0.6 * L['haze']) + 12 * L['haze']
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return _grey_rgb(_quality(img, p['atributes'], rng, S, fov=False), p['eye'])
+
+
+_RENDERERS = {'CFP': _render, 'FFA': _render_ffa, 'OCT': _render_oct}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -773,7 +1194,9 @@ class SyntheticFundus:
 
     def _sample(self, index: int):
         rng = np.random.default_rng([self.spec.seed, index])
-        return _sample(self.spec, rng), rng
+        p = _sample(self.spec, rng)
+        _draw_modality(self.spec, index, p)
+        return p, rng
 
     @staticmethod
     def _to_record(index, p) -> dict:
@@ -786,7 +1209,7 @@ class SyntheticFundus:
         return {
             'index': index, 'eye': p['eye'], 'conditions': conds, 'labels': labels, 'dr_grade': int(p['dr_grade']),
             'categories': list(p['categories']), 'atributes': list(p['atributes']), 'report_en': p['report_en'],
-            'report_zh': p['report_zh'], 'caption': p['caption'], 'is_expert': p['is_expert'], 'modality': 'CFP',
+            'report_zh': p['report_zh'], 'caption': p['caption'], 'is_expert': p['is_expert'], 'modality': p['modality'],
             'cup_to_disc': float(p['cdr']),
         }
 
@@ -799,7 +1222,7 @@ class SyntheticFundus:
         index = self._check(index)
         p, rng = self._sample(index)
         out = self._to_record(index, p)
-        out['image'] = _render(self.spec, p, rng)
+        out['image'] = _RENDERERS[p['modality']](self.spec, p, rng)
         return out
 
 

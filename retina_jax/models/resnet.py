@@ -143,7 +143,9 @@ class ResNet(nn.Module):
         return self.width * 2 ** (len(self._stage_sizes()) - 1) * expansion
 
     @nn.compact
-    def __call__(self, x, train: bool) -> jnp.ndarray:
+    def __call__(self, x, train: bool, spatial: bool = False):
+        """Pooled features [B, F]; with `spatial`, also the last stage's map as tokens [B, h*w, F]
+        (KeepFIT V2's caption decoder cross-attends to them)."""
         block_cls = Bottleneck if self._is_bottleneck() else BasicBlock
         x = x.astype(self.dtype)  # [B, H, W, 3]
         x = _Blocks.conv(self.width, 7, 2, self.dtype, "conv1")(x)  # [B, H/2, W/2, width]
@@ -155,7 +157,10 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 x = block_cls(self.width * 2 ** i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
                     x, train)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, F] global average pool
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, F] global average pool
+        if spatial:
+            return pooled, x.reshape(x.shape[0], -1, x.shape[-1])
+        return pooled
 
 
 def resnet50(**kw) -> ResNet:

@@ -7,14 +7,16 @@ each followed by a projection head, and a learnable temperature `logit_scale` (i
 - 'linear' head (CLIP's `visual.proj` / ViLReF's `text_projection`): Linear(no bias) -> `/ |x|`
   (CLIP normalises right after projecting, in the loss);
 - 'none': the tower already outputs D (CLIP RN50's attention pool); only normalised.
-KeepFIT adds the knowledge attention (`model.knowledge.enabled`, models/knowledge.py).
+KeepFIT adds the knowledge attention (`model.knowledge.enabled`, models/knowledge.py); KeepFIT V2
+the caption decoder over the image tower's spatial tokens (`model.decoder.enabled`,
+models/caption_decoder.py).
 
 The clamp of `logit_scale` to [0, ln 100] is applied where the temperature is used
 (`losses.clamp_logit_scale`) and on the stored value before each step (train.py), as FLAIR clamps
 `.data` in place.
 
 Param tree names are an API (weight decay, freezing, sharding and conversion key on them):
-`img`, `txt`, `img_proj`, `txt_proj` (absent for 'none'), `logit_scale`, `knowledge`.
+`img`, `txt`, `img_proj`, `txt_proj` (absent for 'none'), `logit_scale`, `knowledge`, `decoder`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retina_jax.models.bert import BertConfig, TextEncoder
+from retina_jax.models.caption_decoder import CaptionDecoder
 from retina_jax.models.clip_resnet import ModifiedResNet
 from retina_jax.models.knowledge import KnowledgeAttention
 from retina_jax.models.resnet import ResNet
@@ -68,6 +71,7 @@ class TwoTower(nn.Module):
     txt_projection: str = "flair"
     logit_scale_init: float = 2.659260036932778
     knowledge: KnowledgeAttention | None = None
+    decoder: CaptionDecoder | None = None
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -85,6 +89,19 @@ class TwoTower(nn.Module):
     def encode_image(self, image, train: bool = False):
         return self.img_proj(self.image_features(image, train))  # [B, D], unit norm
 
+    def encode_image_tokens(self, image, train: bool = False):
+        """(unit-norm embedding [B, D], spatial tokens [B, N, F]) from one pass of the image tower."""
+        if not isinstance(self.img, ResNet):
+            raise ValueError("the caption decoder needs spatial tokens, implemented for model.img.name='resnet' only")
+        features, tokens = self.img(image.astype(self.dtype), train=train, spatial=True)
+        return self.img_proj(features), tokens
+
+    def caption_logits(self, image_tokens, input_ids, train: bool = False):
+        """Decoder logits [B, L, V] for the decoder inputs `input_ids` given the image tokens."""
+        if self.decoder is None:
+            raise ValueError("this model has no caption decoder (config.model.decoder.enabled=False)")
+        return self.decoder(input_ids, image_tokens, deterministic=not train)
+
     def encode_text(self, input_ids, attention_mask, train: bool = False):
         return self.txt_proj(self.txt(input_ids, attention_mask, deterministic=not train))  # [B, D]
 
@@ -94,11 +111,18 @@ class TwoTower(nn.Module):
             raise ValueError("this model has no knowledge attention (config.model.knowledge.enabled=False)")
         return self.knowledge(zimg, kimg, ktxt, deterministic=not train)
 
-    def __call__(self, image, input_ids, attention_mask, train: bool = False):
-        out = {"zimg": self.encode_image(image, train), "ztxt": self.encode_text(input_ids, attention_mask, train),
-               "logit_scale": self.logit_scale}
-        if self.knowledge is not None and self.is_initializing():
-            self.revise(out["zimg"], out["zimg"], out["ztxt"])  # create its params at init
+    def __call__(self, image, input_ids, attention_mask, train: bool = False, image_tokens: bool = False):
+        """{'zimg', 'ztxt', 'logit_scale'} and, with `image_tokens`, the image tower's spatial tokens."""
+        out = {"ztxt": self.encode_text(input_ids, attention_mask, train), "logit_scale": self.logit_scale}
+        if image_tokens or (self.decoder is not None and self.is_initializing()):
+            out["zimg"], out["image_tokens"] = self.encode_image_tokens(image, train)
+        else:
+            out["zimg"] = self.encode_image(image, train)
+        if self.is_initializing():  # create the optional heads' params
+            if self.knowledge is not None:
+                self.revise(out["zimg"], out["zimg"], out["ztxt"])
+            if self.decoder is not None:
+                self.caption_logits(out["image_tokens"], input_ids[:, :-1])
         return out
 
 
@@ -128,15 +152,20 @@ def text_config(txt_config, vocab_size: int) -> BertConfig:
                       attention_probs_dropout_prob=t.attention_probs_dropout_prob, add_pooler=t.add_pooler)
 
 
-def build_model(model_config, vocab_size: int, image_size: int) -> TwoTower:
-    """TwoTower from `config.model`, the tokenizer's vocabulary size and `config.data.image_size`."""
+def build_model(model_config, vocab_size: int, image_size: int, max_len: int | None = None) -> TwoTower:
+    """TwoTower from `config.model`, the tokenizer's vocabulary size, `config.data.image_size` and
+    `config.text.max_len` (the caption decoder's positions; default: as many as the text tower's)."""
     dtype = jnp.dtype(model_config.compute_dtype)
     m = model_config
-    knowledge = None
+    knowledge = decoder = None
     if m.knowledge.enabled:
         knowledge = KnowledgeAttention(heads=m.knowledge.heads, dropout=m.knowledge.dropout,
                                        softmax_axis=m.knowledge.softmax_axis, dtype=dtype)
+    if m.decoder.enabled:
+        d = m.decoder
+        decoder = CaptionDecoder(vocab_size=vocab_size, max_len=max_len or m.txt.max_position_embeddings, width=d.width, layers=d.layers, heads=d.heads,
+                                 mlp_dim=d.mlp_dim, dropout=d.dropout, dtype=dtype)
     return TwoTower(img=build_image_tower(m.img, image_size, dtype), txt_config=text_config(m.txt, vocab_size),
                     text_pooling=m.txt.pooling, embed_dim=m.embed_dim, img_projection=m.img_projection,
                     txt_projection=m.txt_projection, logit_scale_init=m.logit_scale_init, knowledge=knowledge,
-                    dtype=dtype)
+                    decoder=decoder, dtype=dtype)
