@@ -14,6 +14,8 @@ Each reports the Chinese zero-shot figures on the held-out 6-class task and the 
 probe (macro AUC, mAP over the 17 findings) on the pre-projection feature.
 
   python benchmarks/vilref_ablation.py --workdir workdirs/vilref_ablation --steps-scale 0.5
+  python benchmarks/vilref_ablation.py --workdir workdirs/vilref_ablation_lr1e-4 --variants wscl,wscl_queue \
+      --set optim.lr=1e-4          # every variant with the same extra config values
 """
 from __future__ import annotations
 
@@ -45,13 +47,21 @@ def main():
     parser.add_argument("--workdir", default="workdirs/vilref_ablation")
     parser.add_argument("--steps-scale", type=float, default=0.5, help="scales the demo's 6 epochs")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config value applied to every variant (floats and ints parsed), repeatable")
     args = parser.parse_args()
+    common = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE")
+        common[field] = _number(value)
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     logging.set_verbosity(logging.WARNING)
     results = {}
     for name in args.variants.split(","):
         config = config_lib.load(os.path.join(REPO, "configs", "vilref.py") + f":demo,steps_scale={args.steps_scale}")
-        config_lib.override(config, {"data.synthetic.comorbidity_prob": 0.0, **VARIANTS[name]})
+        config_lib.override(config, {"data.synthetic.comorbidity_prob": 0.0, **common, **VARIANTS[name]})
         t0 = time.time()
         trainer = Trainer(config, os.path.join(args.workdir, name))
         result = trainer.train()
@@ -60,11 +70,20 @@ def main():
         print(name, json.dumps(results[name]), flush=True)
     with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
         json.dump({"machine": platform.processor() or platform.machine(), "devices": jax.device_count(),
-                   "steps_scale": args.steps_scale, "results": results}, f, indent=2)
+                   "steps_scale": args.steps_scale, "set": common, "results": results}, f, indent=2)
     print("| variant | steps | zero-shot ACA | zero-shot AUC | zero-shot F1 | probe macro AUC | probe mAP |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {r['steps']} | " + " | ".join(f"{r[k]:.3f}" for k in REPORTED) + " |")
+
+
+def _number(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 if __name__ == "__main__":

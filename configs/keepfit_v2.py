@@ -54,6 +54,7 @@ def _text(c, arg):
     if arg.demo:
         # From a random tower (the paper continues a pretrained BERT at 1e-5), so a larger rate.
         c.optim.lr = 5e-4
+        c.text.max_len = 64  # the demo tower's 64 positions (configs/flair.py:demo)
         c.mlm.heldout_size = 256
         c.eval.batch_size = 64
     return c

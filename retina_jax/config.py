@@ -175,8 +175,9 @@ def validate(config, num_devices: int) -> None:
         check(mlm.heldout_size > 0, "mlm.heldout_size", "must be > 0 (the held-out masked-token accuracy)")
         check(mlm.corpus == "synthetic" or os.path.isdir(mlm.corpus), "mlm.corpus",
               f"{mlm.corpus!r} is neither 'synthetic' nor a folder of .txt files")
-        check(not e.enabled and not (config.momentum.enabled or config.momentum.queue_size) and not d.enabled and not config.model.knowledge.enabled,
-              "mlm.enabled", "stage `text` trains the text tower alone: turn off data.expert, momentum, "
+        others = (e.enabled, config.momentum.enabled, config.momentum.queue_size, d.enabled,
+                  config.model.knowledge.enabled)
+        check(not any(others), "mlm.enabled", "stage `text` trains the text tower alone: turn off data.expert, momentum, "
               "model.knowledge and model.decoder")
     check(not config.model_init_trees or bool(config.model_init), "model_init_trees",
           f"{tuple(config.model_init_trees)} given without model_init")

@@ -234,7 +234,7 @@ class Trainer:
         def loss_fn(params):
             if config.mlm.enabled:
                 loss, accuracy = self._mlm(params, batch, rng)
-                return loss, ({}, {}, {"mlm_accuracy": accuracy})
+                return loss, ({}, {}, {}, {"train/mlm_accuracy": accuracy})
             out, updates = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
                 batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
@@ -245,9 +245,9 @@ class Trainer:
                 loss = self._wscl(out, batch, params["logit_scale"], state, momentum_out)
             else:
                 loss = self._loss(out, batch, params["logit_scale"])
-            return loss, (batch_stats, out, terms)
+            return loss, (batch_stats, out, terms, {})
 
-        (loss, (batch_stats, out, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (batch_stats, out, terms, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if contrastive and config.model.logit_scale_clamp == "after_step":
@@ -255,8 +255,7 @@ class Trainer:
             new_params["logit_scale"] = jnp.clip(new_params["logit_scale"], 0.0, losses.LOGIT_SCALE_MAX)
         metrics = {"train/loss": loss, "train/lr": self.schedule(state.step),
                    "train/grad_norm": optax.global_norm(grads),
-                   **{f"train/{name}" if name.endswith("accuracy") else f"train/loss_{name}": value
-                      for name, value in terms.items()}}
+                   **{f"train/loss_{name}": value for name, value in terms.items()}, **extra}
         if contrastive:
             metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])
         if momentum_out is not None:

@@ -380,3 +380,23 @@ def test_stage_vl_loss_adds_the_caption_term_and_reports_caption_metrics(two_sta
     vl.config.eval.captions.beam_size = 3
     result = vl._captions(vl.state, step=4)
     assert result["captions/num_examples"] == 16
+
+
+def test_stage_text_reads_a_folder_of_txt_files(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [f"Subretinal fluid case {i}: choroidal neovascularisation treated with anti-VEGF." for i in range(40)]
+    (corpus / "a.txt").write_text("\n".join(lines[:25]) + "\n", encoding="utf-8")
+    (corpus / "b.txt").write_text("\n".join(lines[25:]) + "\n", encoding="utf-8")
+    c = config_lib.override(config_lib.load(f"{V2}:stage=text,demo"), {
+        **STAGE_TEXT_TINY, "mlm.corpus": str(corpus), "mlm.heldout_size": 8})
+    validate(c, 8)
+    path = pipeline.prepare_tokenizer(c, str(tmp_path / "run"))
+    vocab = load_tokenizer(path, 48).get_vocab()
+    assert "subretinal" in vocab or "Subretinal" in vocab  # the folder's words are in the learned vocabulary
+    assert [pipeline.text_source(c)[i] for i in (0, 39)] == [lines[0], lines[39]]
+    batch = next(iter(pipeline.mlm_dataset(c, path)))
+    assert batch["input_ids"].shape == batch["mlm_weights"].shape == (16, 48)
+    assert batch["mlm_weights"].sum() >= 16  # at least one masked token per text
+    heldout = list(pipeline.mlm_heldout_batches(c, path, 16))
+    assert len(heldout) == 1 and heldout[0]["mlm_weights"][8:].sum() == 0  # 8 texts, 8 padded rows

@@ -169,7 +169,9 @@ class FlairTransform:
         if self.description_swap:
             choices = [category] + list(knowledge.CATEGORY_DESCRIPTIONS[category])
             text = choices[rng.integers(len(choices))]
-        return {"image": image, "prompt": make_prompt(self.template, atr, text, example["modality"]),
+        # FLAIR's categorical datasets are colour photographs and carry no modality field.
+        modality = example.get("modality", "CFP")
+        return {"image": image, "prompt": make_prompt(self.template, atr, text, modality),
                 # The ORIGINAL category (before the description swap) defines the loss's positives.
                 "category_id": np.int32(self._category_index[category])}
 
