@@ -16,9 +16,9 @@ scored with BLEU-1..4, ROUGE-L and CIDEr.
   python -m retina_jax.main --config configs/keepfit_v2.py:stage=text,demo --workdir workdirs/keepfit_v2_text_demo
   python -m retina_jax.main --config configs/keepfit_v2.py:stage=vl,demo --workdir workdirs/keepfit_v2_demo
 
-No code of the paper is public: the text-stage batch and length, the decoder size (3 layers, width
-512, 8 heads, as KeepFIT's report-generation variant) and gen_weight 1 are our choices, each a
-config value.
+No code of the paper is public: the text-stage batch (64) and epochs (10), the decoder size (3
+layers, width 512, 8 heads, as KeepFIT's report-generation variant) and gen_weight 1 are our
+choices, each a config value.
 """
 from configs import common, keepfit
 
