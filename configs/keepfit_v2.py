@@ -73,6 +73,5 @@ def _vl(c, arg):
         c.model.decoder.layers = 2
         c.model.decoder.heads = 4
         c.model.decoder.mlp_dim = 512
-        c.eval.captions.size = 200
         c.eval.captions.max_len = 48
     return c

@@ -80,6 +80,12 @@ class Trainer:
                                     out_shardings=self.batch_sharding)
         self.image_features = jax.jit(lambda v, img: self.model.apply(v, img, method="image_features"),
                                       out_shardings=self.batch_sharding)
+        # KeepFIT V2: the caption decoder's image memory and logits; stage `text`'s masked-LM logits.
+        self.image_tokens = jax.jit(lambda v, img: self.model.apply(v, img, method="encode_image_tokens")[1],
+                                    out_shardings=self.batch_sharding)
+        self.caption_logits = jax.jit(
+            lambda p, mem, tokens: self.model.apply({"params": p}, mem, tokens, method="caption_logits"))
+        self.mlm_logits = jax.jit(lambda p, ids, mask: self.model.apply({"params": p}, ids, mask))
         self.writer = MetricWriter(self.workdir)
         self._stop_signal = None
 
@@ -447,11 +453,10 @@ class Trainer:
     def _mlm_eval(self, state: TrainState, step: int) -> dict:
         """Masked-token loss and accuracy over the held-out texts (fixed masks), all tokens pooled."""
         t0 = time.time()
-        apply = jax.jit(lambda p, ids, mask: self.model.apply({"params": p}, ids, mask))
         nll_sum = correct = count = 0.0
         for batch in pipeline.mlm_heldout_batches(self.config, self.tokenize.path, self.config.eval.batch_size):
             batch = pipeline.make_global(batch, self.batch_sharding)
-            logits = apply(state.params, batch["input_ids"], batch["attention_mask"])
+            logits = self.mlm_logits(state.params, batch["input_ids"], batch["attention_mask"])
             loss, accuracy = losses.token_cross_entropy(logits, batch["mlm_labels"], batch["mlm_weights"])
             n = float(jnp.sum(batch["mlm_weights"]))
             nll_sum, correct, count = nll_sum + float(loss) * n, correct + float(accuracy) * n, count + n
@@ -467,21 +472,18 @@ class Trainer:
         t0 = time.time()
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         source = pipeline.caption_source(self.config)
-        image_tokens = jax.jit(lambda v, img: self.model.apply(v, img, method="encode_image_tokens")[1],
-                               out_shardings=self.batch_sharding)
-        memory, indices = self._gather(image_tokens, variables,
+        memory, indices = self._gather(self.image_tokens, variables,
                                        pipeline.heldout_batches(self.config, self.config.eval.batch_size, source,
                                                                 lambda example: example["index"]))
         tok = self.tokenize.tokenizer
         ids = {name: tok.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
-        logits = jax.jit(lambda p, mem, tokens: self.model.apply({"params": p}, mem, tokens, method="caption_logits"))
         hypotheses = []
         for start in range(0, len(memory), self.config.eval.batch_size):
             chunk = jnp.asarray(memory[start:start + self.config.eval.batch_size])
 
             def log_probs(tokens, t, chunk=chunk):
                 mem = jnp.repeat(chunk, tokens.shape[0] // chunk.shape[0], axis=0)  # beams share their image
-                return jax.nn.log_softmax(logits(state.params, mem, tokens)[:, t - 1], axis=-1)
+                return jax.nn.log_softmax(self.caption_logits(state.params, mem, tokens)[:, t - 1], axis=-1)
 
             args = dict(batch_size=len(chunk), max_len=c.max_len, bos_id=ids["[CLS]"], eos_id=ids["[SEP]"],
                         pad_id=ids["[PAD]"])

@@ -8,14 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import REPO, assert_trees_equal, crash_and_resume, leaves
+from test_train import REPO, assert_trees_equal, crash_and_resume, leaves, train_rows
 from test_train import TINY as TRAIN_TINY
 
 from retina_jax import config as config_lib, losses
 from retina_jax.config import ConfigError, validate
 from retina_jax.data import pipeline
 from retina_jax.data.tokenizer import Tokenize
-from retina_jax.metrics import read as read_metrics
 from retina_jax.models.knowledge import KnowledgeAttention
 from retina_jax.train import Trainer
 
@@ -307,7 +306,7 @@ def keepfit_run(tmp_path_factory):
 
 def test_keepfit_trains_and_logs_every_term(keepfit_run):
     trainer, result, workdir = keepfit_run
-    rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    rows = train_rows(workdir)
     assert len(rows) == trainer.total_steps == 8
     for r in rows:
         total = r["train/loss_pub"] + r["train/loss_mm"] + 100 * r["train/loss_rev"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from test_keepfit import TINY as KEEPFIT_TINY
-from test_train import REPO, assert_trees_equal
+from test_train import REPO, assert_trees_equal, train_rows
 
 from retina_jax import checkpointing, config as config_lib, losses
 from retina_jax.config import ConfigError, validate
@@ -19,7 +19,6 @@ from retina_jax.data import pipeline
 from retina_jax.data.text_corpus import TextSource, WholeWordMask, read_text_folder
 from retina_jax.data.tokenizer import learn_wordpiece, load_tokenizer
 from retina_jax.models import caption_decoder
-from retina_jax.metrics import read as read_metrics
 from retina_jax.models.caption_decoder import CaptionDecoder
 from retina_jax.train import Trainer
 
@@ -339,7 +338,7 @@ def two_stages(tmp_path_factory):
 
 def test_stage_text_trains_the_masked_lm_and_reports_heldout_accuracy(two_stages):
     text, text_dir, *_ = two_stages
-    rows = [r for r in read_metrics(os.path.join(text_dir, "metrics.jsonl")) if "train/loss" in r]
+    rows = train_rows(text_dir)
     assert len(rows) == 8 and all(0.0 <= r["train/mlm_accuracy"] <= 1.0 for r in rows)
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     assert "train/logit_scale" not in rows[0]
@@ -361,7 +360,7 @@ def test_stage_vl_starts_from_the_text_encoder_only(two_stages):
 
 def test_stage_vl_loss_adds_the_caption_term_and_reports_caption_metrics(two_stages):
     _, _, vl, vl_dir, _ = two_stages
-    rows = [r for r in read_metrics(os.path.join(vl_dir, "metrics.jsonl")) if "train/loss" in r]
+    rows = train_rows(vl_dir)
     assert len(rows) == 4
     for r in rows:
         want = r["train/loss_pub"] + r["train/loss_mm"] + 100 * r["train/loss_rev"] + r["train/loss_cap"]

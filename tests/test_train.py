@@ -39,6 +39,11 @@ TINY = {
 }
 
 
+def train_rows(workdir: str) -> list[dict]:
+    """The training-step rows of a run's metrics.jsonl (evaluation rows left out)."""
+    return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+
+
 def tiny_config(**extra):
     return config_lib.override(config_lib.load(DEMO), {**TINY, **extra})
 

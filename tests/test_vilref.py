@@ -6,14 +6,13 @@ import os
 import jax
 import numpy as np
 import pytest
-from test_train import REPO, assert_trees_equal, crash_and_resume, leaves
+from test_train import REPO, assert_trees_equal, crash_and_resume, leaves, train_rows
 
 from retina_jax import checkpointing, config as config_lib, losses, optim
 from retina_jax.config import ConfigError, validate
 from retina_jax.data import knowledge, pipeline, transforms
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.evals import zeroshot
-from retina_jax.metrics import read as read_metrics
 from retina_jax.models.two_tower import build_model
 from retina_jax.train import Trainer
 
@@ -203,7 +202,7 @@ def test_zero_shot_prompt_ensembles_in_chinese_and_english():
 
 def test_vilref_run_fills_and_wraps_the_queue_and_reports_every_evaluation(vilref_run):
     trainer, result, workdir, params_before_eval = vilref_run
-    rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    rows = train_rows(workdir)
     assert [r["step"] for r in rows] == list(range(1, 13))
     # Queue of 32 = 2 global batches: half full after step 1, full from step 2 on.
     assert [r["train/queue_fill"] for r in rows[:3]] == [0.5, 1.0, 1.0]
@@ -291,6 +290,6 @@ def test_wscl_with_online_keys_and_no_momentum_model_or_queue_trains(tmp_path):
     trainer = Trainer(config, str(tmp_path / "wscl_online"))
     trainer.train()
     assert trainer.state.ema_params == {} and trainer.state.queues == {}
-    rows = [r for r in read_metrics(os.path.join(trainer.workdir, "metrics.jsonl")) if "train/loss" in r]
+    rows = train_rows(trainer.workdir)
     assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
     assert "train/queue_fill" not in rows[0]

@@ -352,10 +352,10 @@ def mlm_heldout_batches(config, tokenizer_path: str, batch_size: int):
     mask = WholeWordMask(tokenizer_path, config.text.max_len, config.mlm.mask_prob)
     indices = np.arange(len(texts))[jax.process_index()::jax.process_count()]
     local = local_batch_size(batch_size)
+    pad = {k: np.zeros_like(v) for k, v in mask(texts[0], np.random.default_rng(0)).items()}
     for b in range(-(-len(texts) // batch_size)):
         rows = [mask(texts[int(i)], np.random.default_rng([config.eval.zero_shot.seed, int(i)]))
                 for i in indices[b * local:(b + 1) * local]]
-        pad = {k: np.zeros_like(v) for k, v in mask(texts[0], np.random.default_rng(0)).items()}
         rows += [pad] * (local - len(rows))
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
