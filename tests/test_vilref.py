@@ -293,3 +293,68 @@ def test_wscl_with_online_keys_and_no_momentum_model_or_queue_trains(tmp_path):
     rows = train_rows(trainer.workdir)
     assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
     assert "train/queue_fill" not in rows[0]
+
+
+def test_one_train_step_with_a_filled_queue_matches_a_numpy_reference(vilref_run):
+    """The whole jitted step's wiring with a full queue (METHODS.md section 4): EMA first, keys = the
+    momentum features of this batch followed by the queue as it was BEFORE the step; loss = NumPy
+    WSCL; gradient only through the online queries (the momentum keys and queue are constants);
+    afterwards this batch's momentum features and labels sit at the old pointer."""
+    from test_losses import _np_label_cosine, np_wscl
+
+    trainer = vilref_run[0]
+    before = jax.device_get(trainer.state)  # step 12: queue full, pointer at 0
+    state = jax.device_put(before, trainer.state_sharding)  # a copy: the step donates its input
+    batch = pipeline.make_global(next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize))),
+                                 trainer.batch_sharding)
+    q = before.queues
+    assert q.valid.all() and int(q.ptr) == 0
+    m = trainer.config.momentum.decay
+
+    rng = jax.random.fold_in(jax.random.wrap_key_data(before.rng), before.step)
+    ema = jax.tree.map(lambda e, p: m * e + (1 - m) * p, before.ema_params, before.params)
+    forward = lambda params, key: trainer.model.apply(
+        {"params": params, "batch_stats": before.batch_stats}, batch["image"], batch["input_ids"],
+        batch["attention_mask"], train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0]
+    jit_forward = jax.jit(forward)
+    mom = jax.device_get(jit_forward(ema, jax.random.fold_in(rng, 1)))
+    out = jax.device_get(jit_forward(before.params, rng))
+    pullback = jax.jit(lambda params, cotangent: jax.vjp(lambda p: forward(p, rng), params)[1](cotangent)[0])
+    zimg, ztxt = np.asarray(out["zimg"], np.float64), np.asarray(out["ztxt"], np.float64)
+    labels = np.asarray(batch["labels"], np.float64)
+    keys_img = np.concatenate([mom["zimg"], q.img]).astype(np.float64)
+    keys_txt = np.concatenate([mom["ztxt"], q.txt]).astype(np.float64)
+    label_sim = _np_label_cosine(labels, np.concatenate([labels, q.labels]))
+    valid = np.ones(len(keys_img), bool)
+    s = float(np.exp(np.clip(before.params["logit_scale"], 0, losses.LOGIT_SCALE_MAX)))
+    want = np_wscl(zimg @ keys_txt.T, ztxt @ keys_img.T, label_sim, valid, s)
+
+    # The analytic feature gradient of the coupled cross-entropy (keys constant), pulled back
+    # through the online forward: its norm is the step's gradient norm.
+    def feature_grad(queries, keys):
+        b, k = queries.shape[0], keys.shape[0]
+        pos = np.eye(b, k, dtype=bool)
+        w = np.where(pos, 1.0, 1.0 - label_sim)
+        z = np.where((label_sim >= 1 - 1e-6) & ~pos, -np.inf, s * w * (queries @ keys.T))
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        return 0.5 / b * ((p - pos) * s * w) @ keys
+
+    cotangent = {key: np.zeros_like(v) for key, v in out.items()}
+    cotangent["zimg"] = feature_grad(zimg, keys_txt).astype(np.float32)
+    cotangent["ztxt"] = feature_grad(ztxt, keys_img).astype(np.float32)
+    grads = jax.device_get(pullback(before.params, cotangent))
+
+    new, metrics = trainer.train_step(state, batch)
+    new = jax.device_get(new)
+    np.testing.assert_allclose(float(metrics["train/loss"]), want, rtol=2e-5)
+    want_norm = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(float(metrics["train/grad_norm"]), want_norm, rtol=1e-3)
+    for got, ref in zip(leaves(new.ema_params), jax.tree.leaves(ema)):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    # The write: this batch's momentum features and labels at [0, 16), the rest untouched, ptr 16.
+    np.testing.assert_allclose(new.queues.img[:16], mom["zimg"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.queues.txt[:16], mom["ztxt"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new.queues.labels[:16], labels)
+    np.testing.assert_array_equal(new.queues.img[16:], q.img[16:])
+    assert int(new.queues.ptr) == 16 and new.queues.valid.all()
