@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     # `configs` ships as a package so `from configs import common` works from any cwd.
     packages=find_packages(include=["retina_jax", "retina_jax.*", "configs"]),
-    package_data={"retina_jax": ["data/knowledge/*.json"]},
+    package_data={"retina_jax": ["data/knowledge/*.json", "evals/tasks/*.json"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",

@@ -85,7 +85,22 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ----------------------------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()
+    # 'synthetic' (the embedded corpus, `data.synthetic`) or 'files': the datasets of
+    # `data.datasets`, name -> ConfigDict(format=flair_csv|mmretinal_csv|vilref_lmdb|jsonl|arrayrecord,
+    # path=..., image_root=..., weight=1.0), e.g. in a config file:
+    #   c.data.datasets.eyepacs = ml_collections.ConfigDict(dict(format="flair_csv",
+    #       path="/data/dataframes/EYEPACS.csv", image_root="/data/images", weight=1.0))
     c.data.source = "synthetic"
+    c.data.datasets = ml_collections.ConfigDict()
+    # 'balanced': FLAIR's dataset-balanced sampling (each dataset equally often); 'weights': each
+    # dataset's `weight`; 'concat': in proportion to the datasets' sizes.
+    c.data.mixing = "balanced"
+    # Bad input (missing/truncated/undecodable image, empty report, unknown category, malformed row,
+    # label outside the label set): 'raise' stops with the file and row; 'skip' skips the example
+    # and counts it (train/skipped_examples, checkpointed).
+    c.data.on_error = "raise"
+    c.data.fov_crop = False  # crop real photographs to their field of view (data/images.py)
+    c.data.ood_ban = True  # FLAIR: drop the out-of-distribution categories from pretraining CSVs
     c.data.batch_size = 128  # global batch
     c.data.image_size = 512  # FLAIR: long side to 512, zero-pad bottom/right
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
@@ -140,6 +155,9 @@ def get_config() -> ml_collections.ConfigDict:
     # KeepFIT V2's multi-modal expert set (MM-Retinal V2: CFP, FFA, OCT); weights () = uniform.
     c.data.expert.modalities = ("CFP",)
     c.data.expert.modality_weights = ()
+    # Real expert pairs (e.g. MM-Retinal CSVs), name -> ConfigDict(format, path, image_root) as
+    # data.datasets; empty = the synthetic expert set above.
+    c.data.expert.datasets = ml_collections.ConfigDict()
     # The embedded synthetic corpus (retina_jax.data.synthetic.CorpusSpec fields).
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.seed = 0

@@ -37,14 +37,27 @@ def manager(directory: str, *, max_to_keep: int | None = None, async_save: bool 
             read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            read_only=read_only, create=not read_only)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, *, force: bool = False) -> bool:
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, *, force: bool = False,
+         meta: dict | None = None) -> bool:
+    """`meta`: small JSON counters that must survive a resume with the state (e.g. the number of
+    bad examples skipped so far)."""
     args = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if meta is not None:
+        args["meta"] = ocp.args.JsonSave(meta)
     return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The `meta` item of a checkpoint; {} for checkpoints written before it existed."""
+    step = mngr.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(str(mngr.directory), str(step), "meta")):
+        return {}
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter=None, step: int | None = None):

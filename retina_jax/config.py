@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 # The allowed values of each switch are owned by the module that implements it.
+from retina_jax.data.files import FORMATS as FILE_FORMATS, MIXING, ON_ERROR
 from retina_jax.data.labels import LANGUAGES as REPORT_LANGUAGES
 from retina_jax.data.synthetic import MODALITIES
 from retina_jax.data.transforms import AUGMENT_KINDS, PREPROCESS_MODES
@@ -30,6 +31,9 @@ LOGIT_SCALE_CLAMPS = ("before_forward", "after_step")
 LOSS_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
+
+
+DATA_SOURCES = ("synthetic", "files")
 
 
 class ConfigError(ValueError):
@@ -74,8 +78,18 @@ def validate(config, num_devices: int) -> None:
     check(config.data.batch_size > 0 and data_devices > 0 and config.data.batch_size % max(data_devices, 1) == 0,
           "data.batch_size", f"global batch {config.data.batch_size} must be a positive multiple of the "
           f"{data_devices} devices on the data axis")
-    check(config.data.source == "synthetic", "data.source",
-          f"{config.data.source!r} is not a known source (known: 'synthetic')")
+    check(config.data.source in DATA_SOURCES, "data.source", f"{config.data.source!r} not in {DATA_SOURCES}")
+    check(config.data.source != "files" or bool(config.data.datasets), "data.datasets",
+          "data.source='files' needs at least one dataset (name -> format, path, image_root)")
+    for field, datasets in (("data.datasets", config.data.datasets), ("data.expert.datasets", config.data.expert.datasets)):
+        for name, entry in datasets.items():
+            fmt = entry.get("format") if hasattr(entry, "get") else None
+            check(fmt in FILE_FORMATS, f"{field}.{name}.format", f"{fmt!r} not in {FILE_FORMATS}")
+            check(bool(hasattr(entry, "get") and entry.get("path")), f"{field}.{name}.path", "must be set")
+            check(not hasattr(entry, "get") or float(entry.get("weight", 1.0)) > 0, f"{field}.{name}.weight",
+                  "must be > 0")
+    check(config.data.mixing in MIXING, "data.mixing", f"{config.data.mixing!r} not in {MIXING}")
+    check(config.data.on_error in ON_ERROR, "data.on_error", f"{config.data.on_error!r} not in {ON_ERROR}")
     check(config.data.image_size >= 32, "data.image_size", f"{config.data.image_size} < 32")
     check(config.data.synthetic.size >= config.data.batch_size, "data.synthetic.size",
           f"{config.data.synthetic.size} examples cannot fill one global batch of {config.data.batch_size}")

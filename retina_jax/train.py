@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from retina_jax import checkpointing, losses, momentum, sharding
 from retina_jax.config import validate
-from retina_jax.data import pipeline
+from retina_jax.data import files, pipeline
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.evals import metrics as eval_metrics
 from retina_jax.evals import captions as caption_metrics
@@ -62,7 +62,7 @@ class Trainer:
         else:
             self.model = build_model(config.model, self.tokenize.vocab_size, config.data.image_size,
                                      config.text.max_len)
-            self.steps_per_epoch = config.data.synthetic.size // self.global_batch
+            self.steps_per_epoch = max(1, pipeline.train_size(config) // self.global_batch)
         self.num_labels = pipeline.num_labels(config)
         self.total_steps = max(1, int(round(config.train.epochs * self.steps_per_epoch)))
         self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
@@ -119,13 +119,16 @@ class Trainer:
         With `model.logit_scale_reset` (ViLReF's quirk) the temperature then restarts at its initial
         value, in the online and the momentum parameters, whatever the checkpoint held.
         """
+        self.skipped_examples = 0
         if mngr.latest_step() is not None:
             logging.info("resuming from %s step %d", mngr.directory, mngr.latest_step())
             state = checkpointing.restore(mngr, self.abstract_state, data_iter)
+            self.skipped_examples = checkpointing.restore_meta(mngr).get("skipped_examples", 0)
         elif self.config.resume:
             other = checkpointing.manager(self.config.resume, read_only=True)
             logging.info("resuming from config.resume=%s step %s", self.config.resume, other.latest_step())
             state = checkpointing.restore(other, self.abstract_state, data_iter)
+            self.skipped_examples = checkpointing.restore_meta(other).get("skipped_examples", 0)
             other.close()
         else:
             state = self.init_state()
@@ -308,13 +311,16 @@ class Trainer:
         def save(done: int, force: bool = False):
             nonlocal last_saved
             if last_saved != done:  # e.g. SIGTERM right after a periodic save of the same step
-                checkpointing.save(mngr, done, state, data_iter, force=force)
+                checkpointing.save(mngr, done, state, data_iter, force=force,
+                                   meta={"skipped_examples": self.skipped_examples})
                 last_saved = done
 
         try:
             for step in range(start, self.total_steps):
-                batch = pipeline.make_global(next(data_iter), self.batch_sharding)
-                state, metrics = self.train_step(state, batch)
+                batch = next(data_iter)
+                # Bad examples passed over to fill this batch (data.on_error='skip'); a host count.
+                self.skipped_examples += int(batch.pop(files.SKIPPED, 0))
+                state, metrics = self.train_step(state, pipeline.make_global(batch, self.batch_sharding))
                 throughput.add(self.global_batch)
                 done = step + 1
                 if done % config.train.log_every == 0 or done == self.total_steps:
@@ -322,6 +328,8 @@ class Trainer:
                     check_finite(done, metrics)
                     metrics["perf/examples_per_sec"] = throughput.rate()
                     metrics["train/epoch"] = done / self.steps_per_epoch
+                    if config.data.on_error == "skip":
+                        metrics["train/skipped_examples"] = self.skipped_examples
                     self.writer.write(done, metrics)
                     if progress is not None:
                         progress.set_postfix(loss=f"{float(metrics['train/loss']):.4f}",

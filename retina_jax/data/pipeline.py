@@ -17,6 +17,10 @@ The report stream (`data.stream='reports'`) yields the image (ViLReF's augmentat
 `data.reports.language` (optionally without its first `drop_chars` characters) and the multi-hot
 finding labels the expert-knowledge extractor reads off that report.
 
+Datasets on disk (`data.source='files'`: FLAIR/KeepFIT CSVs, MM-Retinal CSVs, ViLReF LMDB, JSON
+lines, ArrayRecord shards) take the same transforms behind files.py's guard against bad input and
+its dataset mixing; every batch then carries `skipped`, the bad examples passed over to fill it.
+
 Each process builds its local slice of the global batch; `make_global` assembles the global
 `jax.Array` sharded over the mesh's `data` axis.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import types
 
 import grain
@@ -32,7 +37,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from retina_jax.data import knowledge, transforms
+from retina_jax.data import files, knowledge, transforms
+from retina_jax.data.images import DataError
 from retina_jax.data.labels import LabelExtractor, log_coverage
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.data.text_corpus import TextSource, WholeWordMask, read_text_folder
@@ -159,11 +165,12 @@ class FlairTransform:
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
         image = _augmented_image(example["image"], rng, self.image_size, self.preprocess, self._augment)
         categories, atributes = example["categories"], example["atributes"]
+        where = example.get("where", f"example {example.get('index')}")
         if not categories:
-            raise ValueError(f"example {example.get('index')} has no category")
+            raise DataError(f"{where}: no category")
         category = categories[rng.integers(len(categories))]
         if category not in self._category_index:
-            raise ValueError(f"example {example.get('index')}: unknown category {category!r}")
+            raise DataError(f"{where}: unknown category {category!r}")
         atr = atributes[rng.integers(len(atributes))] if atributes else ""
         text = category
         if self.description_swap:
@@ -180,7 +187,8 @@ def report_text(example: dict, language: str, drop_chars: int) -> str:
     """The report a ViLReF example is paired with; an empty one is an error naming the example."""
     text = example[f"report_{language}"][drop_chars:].strip()
     if not text:
-        raise ValueError(f"example {example.get('index')}: empty {language} report"
+        where = example.get("where", f"example {example.get('index')}")
+        raise DataError(f"{where}: empty {language} report"
                          + (f" after dropping its first {drop_chars} characters" if drop_chars else ""))
     return text
 
@@ -207,9 +215,12 @@ class ReportTransform:
 
 
 def merge_streams(pair: tuple[dict, dict]) -> dict:
-    """(public batch, expert batch) -> one dict, the expert arrays under `expert_*` keys."""
+    """(public batch, expert batch) -> one dict, the expert arrays under `expert_*` keys and the
+    expert stream's skip count as the batch's."""
     public, expert = pair
-    return {**public, **{f"expert_{k}": v for k, v in expert.items()}}
+    expert = dict(expert)
+    skipped = expert.pop(files.SKIPPED)
+    return {**public, **{f"expert_{k}": v for k, v in expert.items()}, files.SKIPPED: skipped}
 
 
 @dataclasses.dataclass
@@ -242,16 +253,23 @@ class DrawExpertBatch:
 
     def __call__(self, position: int, rng: np.random.Generator) -> dict:
         local = len(range(self.shard, len(self.source), self.num_shards))
-        examples = []
-        for draw in rng.integers(local, size=self.batch_size):
-            index = self.shard + self.num_shards * int(draw)
+        examples, skipped = [], 0
+        while len(examples) < self.batch_size:
+            index = self.shard + self.num_shards * int(rng.integers(local))
             example = self.source[index]
+            if files.SKIPPED in example:  # a bad file under data.on_error='skip': draw another
+                skipped += 1
+                logging.warning("skipped a bad expert example (data.on_error='skip'): %s", example[files.SKIPPED])
+                if skipped > 100 * self.batch_size:
+                    raise DataError(f"expert stream: {skipped} bad examples drawn while filling one batch; "
+                                    f"last: {example[files.SKIPPED]}")
+                continue
             caption = example["caption"].strip()
             if not caption:
-                raise ValueError(f"expert example {index} of {self.source!r} has an empty caption")
+                raise DataError(f"{example.get('where', f'expert example {index}')}: empty caption")
             examples.append({"image": transforms.preprocess(example["image"], self.image_size, self.preprocess),
                              "prompt": caption})
-        return self.collate(examples)
+        return {**self.collate(examples), files.SKIPPED: np.int64(skipped)}
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -267,10 +285,16 @@ def label_extractor(config) -> LabelExtractor | None:
     return LabelExtractor.load(config.data.reports.language)
 
 
+def label_names(config) -> tuple[str, ...]:
+    """The report stream's label classes, in multi-hot order: the extractor's classes, which
+    `LabelExtractor.load` requires to be the corpus's findings (the 'given' labels) in order. Real
+    datasets' given labels (LMDB, JSONL) are mapped onto the same list."""
+    return tuple(LabelExtractor.classes)
+
+
 def num_labels(config) -> int:
-    """C, the length of the report stream's multi-hot label vectors: the extractor's classes, which
-    `LabelExtractor.load` requires to be the corpus's findings (the 'given' labels) in order."""
-    return len(LabelExtractor.classes)
+    """C, the length of the report stream's multi-hot label vectors."""
+    return len(label_names(config))
 
 
 def log_label_coverage(config, extractor: LabelExtractor) -> dict:
@@ -282,38 +306,68 @@ def log_label_coverage(config, extractor: LabelExtractor) -> dict:
     return stats
 
 
-def train_dataset(config, tokenize: Tokenize) -> grain.IterDataset:
-    source = synthetic_source(config)
-    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-    if config.data.shuffle:
-        ds = ds.shuffle(seed=config.seed)
+def train_transform(config):
+    """The public stream's example transform for `data.stream`."""
     augment = config.data.augment.to_dict() if config.data.augment.enabled else None
     if config.data.stream == "reports":
         r = config.data.reports
-        transform = ReportTransform(config.data.image_size, config.data.preprocess, augment, r.language, r.drop_chars,
-                                    label_extractor(config))
-    else:
-        transform = FlairTransform(config.data.image_size, config.data.preprocess, augment, config.data.prompt_template,
-                                   config.data.description_swap)
+        return ReportTransform(config.data.image_size, config.data.preprocess, augment, r.language, r.drop_chars,
+                               label_extractor(config))
+    return FlairTransform(config.data.image_size, config.data.preprocess, augment, config.data.prompt_template,
+                          config.data.description_swap)
+
+
+def train_size(config) -> int:
+    """Examples in one epoch of the public stream (every process's shards together)."""
+    if config.data.source == "files":
+        return sum(len(source) for source in files.open_datasets(config).values())
+    return config.data.synthetic.size
+
+
+def train_dataset(config, tokenize: Tokenize) -> grain.IterDataset:
+    transform = train_transform(config)
+    batch_size = local_batch_size(config.data.batch_size)
+    if config.data.source == "files":
+        # Datasets on disk: guarded against bad input, mixed, batched with a skip count.
+        ds = files.mixed_stream(config, files.open_datasets(config), transform, jax.process_index(),
+                                jax.process_count())
+        expert = expert_dataset(config, tokenize, None) if config.data.expert.enabled else None
+        it = files.SkipCountingBatch(ds.to_iter_dataset(), batch_size, Collate(tokenize), expert)
+        return _prefetch(config, it)
+    ds = grain.MapDataset.source(synthetic_source(config))[jax.process_index()::jax.process_count()]
+    if config.data.shuffle:
+        ds = ds.shuffle(seed=config.seed)
     ds = ds.random_map(transform, seed=config.seed)
     ds = ds.repeat(None)
-    ds = ds.batch(local_batch_size(config.data.batch_size), drop_remainder=True, batch_fn=Collate(tokenize))
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(tokenize))
     if config.data.expert.enabled:
         ds = grain.experimental.ZipMapDataset([ds, expert_dataset(config, tokenize, len(ds))]).map(merge_streams)
-    it = ds.to_iter_dataset()
+    return _prefetch(config, ds.to_iter_dataset())
+
+
+def _prefetch(config, it: grain.IterDataset) -> grain.IterDataset:
     if config.data.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.data.worker_count, per_worker_buffer_size=config.data.worker_buffer_size))
     return it
 
 
-def expert_dataset(config, tokenize: Tokenize, num_batches: int) -> grain.MapDataset:
+def expert_dataset(config, tokenize: Tokenize, num_batches: int | None) -> grain.MapDataset:
     """KeepFIT's expert stream: `num_batches` (as many as the public stream, which ZipMapDataset
-    requires) batches of `data.expert.batch_size` (global) expert pairs."""
-    draw = DrawExpertBatch(expert_source(config), jax.process_index(), jax.process_count(),
-                           local_batch_size(config.data.expert.batch_size), config.data.image_size,
-                           config.data.preprocess, Collate(tokenize))
-    return grain.MapDataset.range(num_batches).random_map(draw, seed=config.seed + 1)
+    requires; None = unbounded) batches of `data.expert.batch_size` (global) expert pairs, from
+    `data.expert.datasets` (e.g. MM-Retinal CSVs, guarded by `data.on_error`) when set."""
+    e = config.data.expert
+    if e.datasets:
+        opened = files.open_datasets(config, e.datasets, "data.expert.datasets")
+        source = grain.MapDataset.concatenate(
+            [grain.MapDataset.source(files.Guarded(s, config.data.on_error, config.data.fov_crop))
+             for s in opened.values()])
+    else:
+        source = expert_source(config)
+    draw = DrawExpertBatch(source, jax.process_index(), jax.process_count(), local_batch_size(e.batch_size),
+                           config.data.image_size, config.data.preprocess, Collate(tokenize))
+    return grain.MapDataset.range(sys.maxsize if num_batches is None else num_batches).random_map(
+        draw, seed=config.seed + 1)
 
 
 def text_source(config) -> TextSource:

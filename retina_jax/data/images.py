@@ -1,0 +1,141 @@
+"""Image decoding and field-of-view cropping for the real dataset formats (DATA.md section 2).
+
+`decode_image` turns the bytes or the file of a JPEG/PNG (any size; RGB, grey, RGBA, LA, palette,
+16-bit grey) into ``uint8 [H, W, 3]``. Channel handling follows PIL's ``.convert('RGB')``, which is what
+ViLReF / Chinese-CLIP apply (``_convert_to_rgb``) and what OpenCV's ``imread(IMREAD_COLOR)`` does:
+grey is replicated to three equal channels, an alpha channel is dropped (the colour under a transparent
+pixel is kept, not composited on a background), palette images are looked up. FLAIR's and KeepFIT's
+``LoadImage`` instead keep ``img[1:]`` of a 4-channel array, i.e. drop the RED channel and keep alpha
+(and repeat a 2-channel LA image to 6 channels); that is a bug on inputs their public datasets do
+not contain (RGB and grey photographs), so it is not reproduced. 16-bit grey (PIL mode ``I;16``) is
+scaled to 8 bits (``round(x / 257)``) where ``.convert('RGB')`` would clip everything above 255 to
+white; modes whose range is unknown (32-bit ``I``, float ``F``) are refused.
+
+The whole image is decoded (``Image.load()``) with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a
+truncated file is an error rather than an image whose missing rows are grey. Every bad input - a
+missing file, a truncated or undecodable file, a zero-size image (PIL refuses one when it identifies
+the file), an unsupported mode - raises `DataError` whose message starts with where it happened
+(file and row / LMDB key / JSONL line).
+
+`fov_crop` crops a fundus photograph to its field of view (FOV). Neither FLAIR (``LoadImage`` +
+``ImageScaling``: resize the long side to 512 and zero-pad), KeepFIT (``pre_transform.py``: the same
+resize and pad) nor ViLReF / Chinese-CLIP (``Resize((224, 224))``) crops the FOV, so the step is
+ours (METHODS.md [recon]) and off unless a pipeline asks for it. It is meant for colour (CFP) and
+angiography (FFA) photographs; an OCT B-scan has no circular FOV and must not be cropped by it.
+
+How the FOV is found, and why (constants chosen on the three real photographs in
+``tests/data/fundus_samples`` and typical camera output):
+- The surround is read off the image's outermost one-pixel frame (median colour). A camera's
+  surround is black; atlas figures (MM-Retinal's source books, ``sample_macular_hole.png``) are
+  often on white.
+- Dark surround (every channel of the frame median <= ``threshold``): foreground = RED channel >
+  ``threshold``. Red is the brightest channel of a colour fundus photograph, so even the dim,
+  vignetted periphery stays well above the surround: 5-10 px inside the FOV edge the samples' red
+  is >= 44 (0.1st percentile), while their black surround, JPEG noise included, is <= 12 (99th
+  percentile <= 6); the edge itself ramps between the two over a few pixels. Grey (FFA) images
+  have red = grey.
+- Light surround (every channel of the frame median >= 255 - ``threshold``): foreground = darkest
+  channel < 255 - ``threshold`` (a white surround is bright in all channels; the retina, even its
+  saturated red areas and the pale optic disc, has a dark blue channel).
+- Any other surround (no border: the image is already the FOV, or a textured background): the
+  image is returned unchanged.
+- ``threshold = 20`` (of 255) sits between the surround (<= 12) and the dimmest retina (>= 44) with
+  room for noisier cameras (10..30 move the samples' box edges by at most 2 px).
+- The largest 4-connected component (``scipy.ndimage.label``) is the FOV, so captions, camera marks
+  and specks outside it are ignored; a component smaller than ``min_area`` (1% of the image) is not a
+  FOV, and the image is returned unchanged, as it is when no pixel passes the threshold (an empty
+  crop is never returned).
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageFile
+from scipy import ndimage
+
+__all__ = ['DataError', 'FOV_THRESHOLD', 'FOV_MIN_AREA', 'decode_image', 'fov_box', 'fov_crop']
+
+FOV_THRESHOLD = 20
+FOV_MIN_AREA = 0.01
+
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with where it happened (file and row / LMDB key / JSONL line)."""
+
+
+def decode_image(data: bytes | str | os.PathLike, where: str) -> np.ndarray:
+    """JPEG/PNG bytes or file -> ``uint8 [H, W, 3]`` (see the module docstring for the channel rules).
+
+    ``where`` names the record the image belongs to (e.g. ``'train.csv row 17'``); a file path is
+    appended to it in error messages.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # PIL would fill the missing rows of a truncated file with grey and report success.
+        raise RuntimeError('PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images would decode silently; '
+                           'unset it before reading datasets')
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        source, label = io.BytesIO(bytes(data)), where
+    else:
+        path = os.fspath(data)
+        source, label = path, f'{where}: {path}'
+        if not os.path.isfile(path):
+            raise DataError(f'{label}: image file not found')
+    try:
+        with Image.open(source) as im:
+            im.load()
+            image = _to_rgb(im, label)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, EOFError, ... on bad bytes
+        raise DataError(f'{label}: cannot decode image ({type(e).__name__}: {e})') from e
+    return image
+
+
+def _to_rgb(im: Image.Image, label: str) -> np.ndarray:
+    if im.mode in _SIXTEEN_BIT_MODES:
+        grey = np.round(np.asarray(im, np.float32) / 257.0).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode in ('I', 'F'):
+        raise DataError(f'{label}: unsupported image mode {im.mode!r} (32-bit integer or float pixels of unknown range)')
+    return np.asarray(im.convert('RGB'), np.uint8)
+
+
+def fov_box(image: np.ndarray, threshold: int = FOV_THRESHOLD, min_area: float = FOV_MIN_AREA,
+            margin: int = 0) -> tuple[int, int, int, int] | None:
+    """The field of view's bounding box ``(top, bottom, left, right)`` (end-exclusive, grown by ``margin``
+    pixels and clipped to the image) of a ``uint8 [H, W, 3]`` image, or None when no FOV is found."""
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f'expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}')
+    h, w = image.shape[:2]
+    frame = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])     # [2H + 2W, 3]
+    surround = np.median(frame, axis=0)
+    if surround.max() <= threshold:
+        mask = image[..., 0] > threshold
+    elif surround.min() >= 255 - threshold:
+        mask = image.min(axis=-1) < 255 - threshold
+    else:
+        return None
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = np.bincount(components.ravel())[1:]
+    largest = int(np.argmax(sizes)) + 1
+    if sizes[largest - 1] < min_area * h * w:
+        return None
+    rows, cols = ndimage.find_objects(components)[largest - 1]
+    return (max(rows.start - margin, 0), min(rows.stop + margin, h),
+            max(cols.start - margin, 0), min(cols.stop + margin, w))
+
+
+def fov_crop(image: np.ndarray, threshold: int = FOV_THRESHOLD, min_area: float = FOV_MIN_AREA,
+             margin: int = 0) -> np.ndarray:
+    """Crop a ``uint8 [H, W, 3]`` fundus image to its field of view (`fov_box`); unchanged when none is found."""
+    box = fov_box(image, threshold, min_area, margin)
+    if box is None:
+        return image
+    top, bottom, left, right = box
+    return image[top:bottom, left:right]

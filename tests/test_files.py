@@ -1,0 +1,214 @@
+"""Training from datasets on disk (data.source='files', retina_jax/data/files.py): every real format
+feeds the trainer, bad input raises naming the file and row or is skipped and counted exactly (the
+count survives a resume), and datasets mix as configured."""
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from test_keepfit import tiny_keepfit
+from test_train import train_rows
+from test_vilref import tiny_vilref
+
+from retina_jax import checkpointing
+from retina_jax.config import ConfigError, validate
+from retina_jax.data import build, export, files, pipeline
+from retina_jax.data.images import DataError
+from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
+from retina_jax.train import Trainer
+
+CORPUS = SyntheticFundus(CorpusSpec(seed=5, size=24, image_size=32, expert_fraction=1.0))
+
+
+def entry(fmt, path, **extra):
+    return ml_collections.ConfigDict(dict(format=fmt, path=path, **extra))
+
+
+def with_datasets(config, datasets, **expert):
+    config.data.source = "files"
+    for name, e in datasets.items():
+        config.data.datasets[name] = e
+    for name, e in expert.items():
+        config.data.expert.datasets[name] = e
+    return config
+
+
+@dataclasses.dataclass
+class FakeTokenize:
+    """Collate's tokenizer without a vocabulary: the prompts' lengths as ids (enough to batch)."""
+
+    def __call__(self, texts):
+        ids = np.zeros((len(texts), 8), np.int32)
+        ids[:, 0] = [len(t) for t in texts]
+        return ids, np.ones_like(ids)
+
+
+@pytest.fixture(scope="module")
+def on_disk(tmp_path_factory):
+    """The same 24 synthetic examples in every format (+ an ArrayRecord build of the first 16)."""
+    root = tmp_path_factory.mktemp("formats")
+    out = {
+        "flair_csv": export.write_flair_csv(CORPUS, str(root / "flair")),
+        "jsonl": export.write_jsonl(CORPUS, str(root / "jsonl"), language="zh"),
+        "mmretinal_csv": export.write_mmretinal_csv(CORPUS, str(root / "mm")),
+        "vilref_lmdb": export.write_vilref_lmdb(CORPUS, str(root / "lmdb")),
+    }
+    build.build(CORPUS, str(root / "ar"), split="train", progress=False)
+    out["arrayrecord"] = str(root / "ar")
+    return root, out
+
+
+def test_flair_stream_trains_from_csv_jsonl_and_arrayrecord(on_disk, tmp_path):
+    _, paths = on_disk
+    config = with_datasets(
+        tiny_keepfit(**{"data.expert.enabled": False, "train.epochs": 0.5, "optim.schedule_epochs": 0.5,
+                        "optim.warmup_steps": 1, "eval.at_end": False}),
+        {"csv": entry("flair_csv", paths["flair_csv"]), "jsonl": entry("jsonl", paths["jsonl"]),
+         "ar": entry("arrayrecord", paths["arrayrecord"])})
+    validate(config, 8)
+    trainer = Trainer(config, str(tmp_path / "run"))
+    # One epoch = every dataset's examples together at batch 16; FLAIR's ban list dropped the CSV's
+    # out-of-distribution rows (macular hole, myopia, ...).
+    opened = files.open_datasets(config)
+    assert 0 < opened["csv"].banned and len(opened["csv"]) + opened["csv"].banned == 24
+    assert trainer.steps_per_epoch == (len(opened["csv"]) + 48) // 16
+    trainer.train()
+    rows = train_rows(trainer.workdir)
+    assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
+    assert "train/skipped_examples" not in rows[0]  # on_error='raise': nothing is ever skipped
+
+
+def test_keepfit_expert_stream_reads_an_mmretinal_csv(on_disk):
+    _, paths = on_disk
+    config = with_datasets(tiny_keepfit(**{"data.expert.batch_size": 8}), {"csv": entry("flair_csv", paths["flair_csv"])},
+                           mm=entry("mmretinal_csv", paths["mmretinal_csv"]))
+    batch = next(_stream(config))
+    captions = {CORPUS.record(i)["caption"] for i in range(len(CORPUS))}
+    assert batch["expert_image"].shape == (8, 32, 32, 3) and int(batch[files.SKIPPED]) == 0
+    # FakeTokenize's first id is the prompt's length: every expert prompt is one of the CSV's captions.
+    assert set(batch["expert_input_ids"][:, 0]) <= {len(c) for c in captions}
+
+
+def test_vilref_trains_from_an_lmdb_with_its_given_labels(on_disk, tmp_path):
+    _, paths = on_disk
+    config = with_datasets(tiny_vilref(**{"train.epochs": 1.0, "optim.schedule_epochs": 1.0, "eval.at_end": False,
+                                          "data.reports.labels": "given", "data.batch_size": 8,
+                                          "momentum.queue_size": 16}),
+                           {"lmdb": entry("vilref_lmdb", paths["vilref_lmdb"])})
+    trainer = Trainer(config, str(tmp_path / "run"))
+    batch = next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize)))
+    # The LMDB's stored multi-hot labels are the corpus's findings, row for row.
+    want = {CORPUS.record(i)["report_zh"]: CORPUS.record(i)["labels"] for i in range(len(CORPUS))}
+    texts = trainer.tokenize.tokenizer.decode_batch(batch["input_ids"].tolist(), skip_special_tokens=True)
+    assert len(texts) == 8 and batch["labels"].shape == (8, len(pipeline.label_names(config)))
+    for text, labels in zip(texts, batch["labels"]):
+        # (decoded: cut at text.max_len tokens, characters outside the tiny vocabulary dropped)
+        match = [w for r, w in want.items() if r.startswith(text.replace(" ", "")[:12])]
+        assert any(np.array_equal(w, labels) for w in match)
+    trainer.train()
+    assert len(train_rows(trainer.workdir)) == 3
+
+
+def _broken_csv(tmp_path, bad, rows=8):
+    """A FLAIR CSV of `rows` synthetic examples whose rows in `bad` point at a missing (odd) or
+    truncated (even) image file."""
+    csv = export.write_flair_csv(CORPUS, str(tmp_path / "broken"), indices=range(rows))
+    lines = open(csv, encoding="utf-8").read().splitlines()
+    for row in bad:
+        image = lines[row + 1].split(",")[1]
+        path = os.path.join(os.path.dirname(csv), image)
+        if row % 2:
+            os.remove(path)
+        else:
+            data = open(path, "rb").read()
+            open(path, "wb").write(data[: len(data) // 2])
+    return csv
+
+
+def _stream(config):
+    return iter(pipeline.train_dataset(config, FakeTokenize()))
+
+
+def test_bad_input_raises_naming_the_file_and_row_by_default(tmp_path):
+    csv = _broken_csv(tmp_path, bad=(2,))
+    config = with_datasets(tiny_keepfit(**{"data.expert.enabled": False, "data.shuffle": False, "data.ood_ban": False,
+                                           "data.batch_size": 4}), {"csv": entry("flair_csv", csv)})
+    with pytest.raises(DataError, match=r"dataframe\.csv row 2.*(truncated|decode)"):
+        next(_stream(config))
+
+
+def test_skipped_examples_are_counted_exactly_and_never_replaced_by_wrong_ones(tmp_path):
+    csv = _broken_csv(tmp_path, bad=(2, 5))
+    config = with_datasets(tiny_keepfit(**{"data.expert.enabled": False, "data.shuffle": False, "data.batch_size": 4, "data.ood_ban": False,
+                                           "data.augment.enabled": False, "data.on_error": "skip"}),
+                           {"csv": entry("flair_csv", csv)})
+    it = _stream(config)
+    batches = [next(it) for _ in range(3)]
+    # Rows 0,1,[2],3,4 | [5],6,7,0,1 | [2],3,4,[5],6,7: the batches hold the good rows in order.
+    assert [int(b[files.SKIPPED]) for b in batches] == [1, 1, 2]
+    rows = [0, 1, 3, 4, 6, 7, 0, 1, 3, 4, 6, 7]
+    images = np.concatenate([b["image"] for b in batches])
+    for image, row in zip(images, rows):
+        want = pipeline.train_transform(config)(CORPUS[row], np.random.default_rng(0))["image"]
+        np.testing.assert_array_equal(image, want)
+
+
+def test_skip_count_is_logged_checkpointed_and_restored_on_resume(tmp_path):
+    csv = _broken_csv(tmp_path, bad=(2, 5), rows=16)
+    config = with_datasets(tiny_keepfit(**{"data.expert.enabled": False, "data.shuffle": False, "data.batch_size": 8,
+                                           "data.ood_ban": False, "data.on_error": "skip", "train.epochs": 1.5,
+                                           "optim.schedule_epochs": 1.5, "optim.warmup_steps": 1,
+                                           "train.checkpoint_every": 2, "eval.at_end": False}),
+                           {"csv": entry("flair_csv", csv)})
+    workdir = str(tmp_path / "run")
+    trainer = Trainer(config, workdir)
+    assert trainer.steps_per_epoch == 2  # 16 rows listed (the bad ones are only found when read)
+    trainer.train()
+    # Rows 0-9 less 2, 5 | 10-15, 0, 1 | 3, 4, 6-11 (2, 5 again) | 12-15, 0, 1, 3, 4 (2 again)
+    assert [r["train/skipped_examples"] for r in train_rows(workdir)] == [2, 2, 4]
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    assert checkpointing.restore_meta(mngr, 2) == {"skipped_examples": 2}
+    mngr.close()
+    # A longer run resumes from step 3 with the count of the first three steps.
+    config.train.epochs = config.optim.schedule_epochs = 2.0
+    Trainer(config, workdir).train()
+    last = train_rows(workdir)[-1]
+    assert last["step"] == 4 and last["train/skipped_examples"] == 5
+
+
+def test_datasets_mix_balanced_by_weights_or_by_size(tmp_path):
+    small = export.write_flair_csv(CORPUS, str(tmp_path / "small"), indices=range(4))
+    large = export.write_flair_csv(CORPUS, str(tmp_path / "large"), indices=range(4, 24))
+    base = {"data.expert.enabled": False, "data.batch_size": 8, "data.augment.enabled": False, "data.ood_ban": False,
+            "data.description_swap": False}
+
+    def share(**extra):
+        config = with_datasets(tiny_keepfit(**base, **extra),
+                               {"small": entry("flair_csv", small, weight=3.0), "large": entry("flair_csv", large)})
+        it = iter(pipeline.train_dataset(config, FakeTokenize()))
+        # The image tells the dataset: rows 0-3 are the small one's.
+        transform = pipeline.train_transform(config)
+        want = [transform(CORPUS[i], np.random.default_rng(0))["image"] for i in range(4)]
+        images = np.concatenate([next(it)["image"] for _ in range(6)])
+        return np.mean([any(np.array_equal(image, w) for w in want) for image in images])
+
+    assert share(**{"data.mixing": "balanced"}) == pytest.approx(0.5, abs=0.01)
+    assert share(**{"data.mixing": "weights"}) == pytest.approx(0.75, abs=0.01)
+    assert share(**{"data.mixing": "concat"}) == pytest.approx(4 / 24, abs=0.03)
+
+
+def test_config_validation_names_the_dataset_fields(tmp_path):
+    config = tiny_keepfit()
+    config.data.source = "files"
+    with pytest.raises(ConfigError, match=r"data\.datasets: data\.source='files' needs"):
+        validate(config, 8)
+    with_datasets(config, {"x": entry("parquet", "/nowhere")}, y=entry("mmretinal_csv", ""))
+    config.data.mixing, config.data.on_error = "random", "ignore"
+    with pytest.raises(ConfigError) as err:
+        validate(config, 8)
+    for field in ("data.datasets.x.format", "data.expert.datasets.y.path", "data.mixing", "data.on_error"):
+        assert field in str(err.value)
+    config = with_datasets(tiny_keepfit(), {"gone": entry("flair_csv", str(tmp_path / "missing.csv"))})
+    with pytest.raises(ValueError, match=r"data\.datasets\.gone \(flair_csv at .*missing\.csv"):
+        Trainer(config, str(tmp_path / "run"))
