@@ -50,12 +50,7 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config value applied to every variant (floats and ints parsed), repeatable")
     args = parser.parse_args()
-    common = {}
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        common[field] = _number(value)
+    common = parse_sets(parser, args.set)
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     logging.set_verbosity(logging.WARNING)
     results = {}
@@ -75,6 +70,17 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {r['steps']} | " + " | ".join(f"{r[k]:.3f}" for k in REPORTED) + " |")
+
+
+def parse_sets(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """`--set FIELD=VALUE` items -> {field: value} (ints and floats parsed)."""
+    common = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE")
+        common[field] = _number(value)
+    return common
 
 
 def _number(value: str):

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vilref_ablation import REPO, VARIANTS, _number  # noqa: E402  (the same variants and schedule)
+from vilref_ablation import REPO, VARIANTS, parse_sets  # noqa: E402  (the same variants and schedule)
 
 from retina_jax import config as config_lib, losses  # noqa: E402
 from retina_jax.data import pipeline  # noqa: E402
@@ -120,12 +120,7 @@ def main():
     parser.add_argument("--variants", default="wscl,wscl_queue")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
-    common = {}
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        common[field] = _number(value)
+    common = parse_sets(parser, args.set)
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     logging.set_verbosity(logging.WARNING)
     results = {v: run(v, args.steps, common, os.path.join(args.out, v)) for v in args.variants.split(",")}

@@ -119,6 +119,17 @@ _DESCRIPTIONS_PATH = os.path.join(os.path.dirname(__file__), 'knowledge', 'flair
 _DESCRIPTIONS_ZH_PATH = os.path.join(os.path.dirname(__file__), 'knowledge', 'category_descriptions_zh.json')
 
 
+def read_json_file(path: str, what: str):
+    """A JSON data file; a missing file or invalid JSON is an error naming `what` and the path."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{what} not found: {path}') from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from None
+
+
 def _load_descriptions(path: str) -> dict[str, list[str]]:
     with open(path, encoding='utf-8') as f:
         data = json.load(f)

@@ -18,14 +18,13 @@ Anything else gets the all-zero vector and counts as unlabelled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import ClassVar, Iterable
 
 import numpy as np
 
-from retina_jax.data.knowledge import FINDING_INDEX, FINDINGS
+from retina_jax.data.knowledge import FINDING_INDEX, FINDINGS, read_json_file
 
 __all__ = ['LANGUAGES', 'LabelExtractor', 'log_coverage']
 
@@ -82,13 +81,7 @@ class LabelExtractor:
         if language not in LANGUAGES:
             raise ValueError(f'unknown label language {language!r}; expected one of {LANGUAGES}')
         path = path or os.path.join(_DIR, f'labels_{language}.json')
-        try:
-            with open(path, encoding='utf-8') as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f'label dictionary not found: {path}') from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{path}: not valid JSON ({e})') from None
+        data = read_json_file(path, 'label dictionary')
         if not isinstance(data, dict):
             raise ValueError(f'{path}: expected a JSON object')
         missing = [k for k in ('language', 'classes', 'terms', *_LIST_FIELDS) if k not in data]

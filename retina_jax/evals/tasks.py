@@ -232,14 +232,7 @@ def list_tasks() -> list[str]:
 
 
 def _read(path: str) -> Task:
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'task file not found: {path}') from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: not valid JSON ({e})') from None
-    return _parse(data, path)
+    return _parse(knowledge.read_json_file(path, 'task file'), path)
 
 
 def load_task(name_or_path: str) -> Task:
