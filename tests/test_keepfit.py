@@ -234,14 +234,18 @@ class IndexedCaptions:
         return {"image": np.zeros((8, 8, 3), np.uint8), "caption": "" if i in self.empty else f"caption {i}"}
 
 
+def collect(examples):
+    return {"examples": examples}
+
+
 def drawn(draw, positions):
     return [int(e["prompt"].split()[1]) for p in positions
-            for e in draw(p, np.random.default_rng(p))]
+            for e in draw(p, np.random.default_rng(p))["examples"]]
 
 
 def test_expert_draws_are_uniform_with_replacement_within_the_process_shard():
     draw = pipeline.DrawExpertBatch(IndexedCaptions(20), shard=1, num_shards=2, batch_size=8, image_size=8,
-                                    preprocess="flair", collate=lambda examples: examples)
+                                    preprocess="flair", collate=collect)
     indices = drawn(draw, range(500))
     assert set(indices) == set(range(1, 20, 2))  # this process's half, all of it
     counts = np.bincount(indices, minlength=20)[1::2]
@@ -256,7 +260,7 @@ def test_expert_draws_are_uniform_with_replacement_within_the_process_shard():
 
 def test_empty_expert_caption_is_an_error_naming_the_example():
     draw = pipeline.DrawExpertBatch(IndexedCaptions(4, empty={0, 1, 2, 3}), shard=0, num_shards=1, batch_size=2,
-                                    image_size=8, preprocess="flair", collate=lambda examples: examples)
+                                    image_size=8, preprocess="flair", collate=collect)
     with pytest.raises(ValueError, match=r"expert example \d of .* empty caption"):
         draw(0, np.random.default_rng(0))
 

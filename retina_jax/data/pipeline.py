@@ -253,9 +253,10 @@ class DrawExpertBatch:
 
     def __call__(self, position: int, rng: np.random.Generator) -> dict:
         local = len(range(self.shard, len(self.source), self.num_shards))
+        draws = [int(d) for d in rng.integers(local, size=self.batch_size)]
         examples, skipped = [], 0
-        while len(examples) < self.batch_size:
-            index = self.shard + self.num_shards * int(rng.integers(local))
+        while draws:
+            index = self.shard + self.num_shards * draws.pop(0)
             example = self.source[index]
             if files.SKIPPED in example:  # a bad file under data.on_error='skip': draw another
                 skipped += 1
@@ -263,10 +264,12 @@ class DrawExpertBatch:
                 if skipped > 100 * self.batch_size:
                     raise DataError(f"expert stream: {skipped} bad examples drawn while filling one batch; "
                                     f"last: {example[files.SKIPPED]}")
+                draws.append(int(rng.integers(local)))
                 continue
             caption = example["caption"].strip()
             if not caption:
-                raise DataError(f"{example.get('where', f'expert example {index}')}: empty caption")
+                where = example.get("where", f"expert example {index} of {self.source!r}")
+                raise DataError(f"{where}: empty caption")
             examples.append({"image": transforms.preprocess(example["image"], self.image_size, self.preprocess),
                              "prompt": caption})
         return {**self.collate(examples), files.SKIPPED: np.int64(skipped)}
@@ -415,8 +418,9 @@ def mlm_heldout_batches(config, tokenizer_path: str, batch_size: int):
 
 
 def make_global(batch: dict, sharding) -> dict:
-    """Local numpy batch of this process -> global jax.Arrays sharded over the data axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    """Local numpy batch of this process -> global jax.Arrays sharded over the data axis (the skip
+    count `skipped` is host bookkeeping and stays behind)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items() if k != files.SKIPPED}
 
 
 def multilabel_source(config, split: str) -> SyntheticFundus:
