@@ -1,23 +1,85 @@
 """Evaluate a run's latest checkpoint: `python -m retina_jax.evaluate --config ... --workdir ...`.
 
-Runs the evaluations the trainer runs at the end of training (the zero-shot protocol of METHODS.md
-section 1 on the held-out synthetic task, and what the config enables: multi-label probe and
-fine-tuning, KeepFIT V2's caption metrics; stage `text`'s held-out masked-token accuracy) and prints
-the metrics as JSON.
+Without `--protocol`: runs the evaluations the trainer runs at the end of training (the zero-shot
+protocol of METHODS.md section 1 on the held-out synthetic task, and what the config enables:
+multi-label probe and fine-tuning, KeepFIT V2's caption metrics; stage `text`'s held-out
+masked-token accuracy) and prints the metrics as JSON.
+
+With `--protocol` (repeatable or a comma list; `all` = every protocol of `evals.suite.PROTOCOLS`):
+runs the transfer suite (evals/suite.py) and writes `<out>/<task>/<protocol>.json`, `.md` and plots,
+then prints a JSON summary. For example, a few-shot curve of Tip-Adapter-F over 3 folds:
+
+  python -m retina_jax.evaluate --config configs/flair.py:demo --workdir workdirs/flair_demo \
+      --protocol tip_adapter_f --shots_train 1,5,10 --shots_test 20% --folds 3
+
+`--task` defaults to each protocol's held-out synthetic task; `--option key=value` sets a protocol
+hyperparameter (`evals.suite.Options`, e.g. `--option finetune_epochs=5`).
 """
 from __future__ import annotations
 
 import json
+import os
 
 import jax
-from absl import app
+from absl import app, flags
 
 from retina_jax import cli
+from retina_jax.evals import suite
+
+PROTOCOL = flags.DEFINE_multi_string("protocol", None, "Transfer protocol(s), repeatable or comma separated "
+                                     "('all' = every one); default: the trainer's own evaluation.")
+TASK = flags.DEFINE_string("task", None, "Task for every protocol: a held-out synthetic task of the config or a "
+                           "public task of retina_jax.evals.tasks (with --data_root); default: per protocol.")
+DATA_ROOT = flags.DEFINE_string("data_root", None, "Root folder of a public task's images.")
+SHOTS_TRAIN = flags.DEFINE_list("shots_train", None, "Train shots per class, a count or a percentage; several "
+                                "(comma separated) run a few-shot curve.")
+SHOTS_TEST = flags.DEFINE_string("shots_test", None, "Test shots per class (count or percentage).")
+SHOTS_VAL = flags.DEFINE_string("shots_val", None, "Validation shots per class (fine-tuning's early stopping).")
+FOLDS = flags.DEFINE_integer("folds", None, "Folds (seeds 0..folds-1); results are the mean and std over folds.")
+OUT = flags.DEFINE_string("out", None, "Report folder; default <workdir>/transfer.")
+OPTION = flags.DEFINE_multi_string("option", [], "Protocol hyperparameter key=value (evals.suite.Options).")
+
+
+def _protocols() -> list[str]:
+    names = [name.strip() for value in PROTOCOL.value for name in value.split(",") if name.strip()]
+    return list(suite.PROTOCOLS) if names == ["all"] else names
+
+
+def run_suite(trainer, state) -> dict:
+    """Run the `--protocol`s, each on its task, sharing a task's model outputs; returns the summary."""
+    options = suite.Options.parse(OPTION.value)
+    protocols = _protocols()
+    for name in protocols:
+        suite.get_protocol(name)  # unknown names fail before any work
+    out_dir = OUT.value or os.path.join(trainer.workdir, "transfer")
+    tasks, features, summary = {}, {}, {}
+    for protocol in protocols:
+        name = TASK.value or suite.default_task(trainer.config, protocol)
+        if name not in tasks:
+            tasks[name] = suite.load_task(trainer.config, name, DATA_ROOT.value, options)
+            features[name] = suite.TaskFeatures(trainer, state, tasks[name])
+        result = suite.run_protocol(trainer, state, protocol, tasks[name], out_dir, shots_train=SHOTS_TRAIN.value,
+                                    shots_test=SHOTS_TEST.value, shots_val=SHOTS_VAL.value, folds=FOLDS.value,
+                                    options=options, features=features[name])
+        entry = {"task": name, "report": result["report"]["markdown"], "seconds": round(result["seconds"], 2)}
+        if "settings" in result:
+            entry["settings"] = [{"shots_train": s["shots_train"], **s["mean"]} for s in result["settings"]]
+        else:
+            entry["metrics"] = result["metrics"]
+        summary[protocol] = entry
+    return summary
 
 
 def main(argv):
+    suite_flags = [flag for flag in (TASK, DATA_ROOT, SHOTS_TRAIN, SHOTS_TEST, SHOTS_VAL, FOLDS, OUT)
+                   if flag.value is not None] + ([OPTION] if OPTION.value else [])
+    if suite_flags and not PROTOCOL.value:
+        raise app.UsageError(f"--{suite_flags[0].name} applies to the transfer suite: add --protocol")
     trainer = cli.trainer_from_flags(argv)
     state = trainer.restore_latest()
+    if PROTOCOL.value:
+        print(json.dumps(run_suite(trainer, state), indent=2))
+        return
     result = trainer.evaluate(state, step=int(jax.device_get(state.step)))
     task = {} if cli.CONFIG.value.mlm.enabled else {"zero_shot": cli.CONFIG.value.eval.zero_shot.name}
     print(json.dumps({**task, **result}, indent=2))
