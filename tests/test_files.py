@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 from test_keepfit import tiny_keepfit
-from test_train import train_rows
+from test_train import tiny_config, train_rows
 from test_vilref import tiny_vilref
 
 from retina_jax import checkpointing
@@ -19,6 +19,7 @@ from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.train import Trainer
 
 CORPUS = SyntheticFundus(CorpusSpec(seed=5, size=24, image_size=32, expert_fraction=1.0))
+LONGER = SyntheticFundus(CorpusSpec(seed=5, size=32, image_size=32, expert_fraction=1.0))  # CORPUS + 8 more
 
 
 def entry(fmt, path, **extra):
@@ -61,18 +62,18 @@ def on_disk(tmp_path_factory):
 
 def test_flair_stream_trains_from_csv_jsonl_and_arrayrecord(on_disk, tmp_path):
     _, paths = on_disk
-    config = with_datasets(
-        tiny_keepfit(**{"data.expert.enabled": False, "train.epochs": 0.5, "optim.schedule_epochs": 0.5,
-                        "optim.warmup_steps": 1, "eval.at_end": False}),
-        {"csv": entry("flair_csv", paths["flair_csv"]), "jsonl": entry("jsonl", paths["jsonl"]),
-         "ar": entry("arrayrecord", paths["arrayrecord"])})
+    # test_train's tiny run (72 examples = its 4 steps an epoch, so the same compiled step).
+    config = with_datasets(tiny_config(**{"train.epochs": 0.5, "eval.at_end": False}),
+                           {"csv": entry("flair_csv", paths["flair_csv"]), "jsonl": entry("jsonl", paths["jsonl"]),
+                            "ar": entry("arrayrecord", paths["arrayrecord"])})
     validate(config, 8)
+    # FLAIR's ban list drops the CSV's out-of-distribution rows (macular hole, myopia, ...).
+    config.data.ood_ban = True
+    banned = files.open_datasets(config)["csv"].banned
+    assert 0 < banned < 24
+    config.data.ood_ban = False
     trainer = Trainer(config, str(tmp_path / "run"))
-    # One epoch = every dataset's examples together at batch 16; FLAIR's ban list dropped the CSV's
-    # out-of-distribution rows (macular hole, myopia, ...).
-    opened = files.open_datasets(config)
-    assert 0 < opened["csv"].banned and len(opened["csv"]) + opened["csv"].banned == 24
-    assert trainer.steps_per_epoch == (len(opened["csv"]) + 48) // 16
+    assert trainer.steps_per_epoch == 72 // 16  # one epoch = every dataset's examples together
     trainer.train()
     rows = train_rows(trainer.workdir)
     assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
@@ -92,28 +93,28 @@ def test_keepfit_expert_stream_reads_an_mmretinal_csv(on_disk):
 
 def test_vilref_trains_from_an_lmdb_with_its_given_labels(on_disk, tmp_path):
     _, paths = on_disk
-    config = with_datasets(tiny_vilref(**{"train.epochs": 1.0, "optim.schedule_epochs": 1.0, "eval.at_end": False,
-                                          "data.reports.labels": "given", "data.batch_size": 8,
-                                          "momentum.queue_size": 16}),
+    # The vilref_run fixture's shapes (batch 16, queue 32): its compiled step.
+    config = with_datasets(tiny_vilref(**{"train.epochs": 2.0, "optim.schedule_epochs": 12.0, "eval.at_end": False,
+                                          "data.reports.labels": "given"}),
                            {"lmdb": entry("vilref_lmdb", paths["vilref_lmdb"])})
     trainer = Trainer(config, str(tmp_path / "run"))
     batch = next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize)))
     # The LMDB's stored multi-hot labels are the corpus's findings, row for row.
     want = {CORPUS.record(i)["report_zh"]: CORPUS.record(i)["labels"] for i in range(len(CORPUS))}
     texts = trainer.tokenize.tokenizer.decode_batch(batch["input_ids"].tolist(), skip_special_tokens=True)
-    assert len(texts) == 8 and batch["labels"].shape == (8, len(pipeline.label_names(config)))
+    assert len(texts) == 16 and batch["labels"].shape == (16, len(pipeline.label_names(config)))
     for text, labels in zip(texts, batch["labels"]):
         # (decoded: cut at text.max_len tokens, characters outside the tiny vocabulary dropped)
         match = [w for r, w in want.items() if r.startswith(text.replace(" ", "")[:12])]
         assert any(np.array_equal(w, labels) for w in match)
     trainer.train()
-    assert len(train_rows(trainer.workdir)) == 3
+    assert len(train_rows(trainer.workdir)) == 2
 
 
 def _broken_csv(tmp_path, bad, rows=8):
     """A FLAIR CSV of `rows` synthetic examples whose rows in `bad` point at a missing (odd) or
     truncated (even) image file."""
-    csv = export.write_flair_csv(CORPUS, str(tmp_path / "broken"), indices=range(rows))
+    csv = export.write_flair_csv(LONGER, str(tmp_path / "broken"), indices=range(rows))
     lines = open(csv, encoding="utf-8").read().splitlines()
     for row in bad:
         image = lines[row + 1].split(",")[1]
@@ -155,23 +156,24 @@ def test_skipped_examples_are_counted_exactly_and_never_replaced_by_wrong_ones(t
 
 
 def test_skip_count_is_logged_checkpointed_and_restored_on_resume(tmp_path):
-    csv = _broken_csv(tmp_path, bad=(2, 5), rows=16)
-    config = with_datasets(tiny_keepfit(**{"data.expert.enabled": False, "data.shuffle": False, "data.batch_size": 8,
-                                           "data.ood_ban": False, "data.on_error": "skip", "train.epochs": 1.5,
-                                           "optim.schedule_epochs": 1.5, "optim.warmup_steps": 1,
-                                           "train.checkpoint_every": 2, "eval.at_end": False}),
+    csv = _broken_csv(tmp_path, bad=(2, 5), rows=32)
+    # test_train's tiny run and schedule (12-step cosine, 4 warm-up steps): its compiled step.
+    config = with_datasets(tiny_config(**{"data.shuffle": False, "data.ood_ban": False, "data.on_error": "skip",
+                                          "train.epochs": 1.5, "optim.schedule_epochs": 6.0,
+                                          "optim.warmup_epochs": 2.0, "train.checkpoint_every": 2,
+                                          "eval.at_end": False}),
                            {"csv": entry("flair_csv", csv)})
     workdir = str(tmp_path / "run")
     trainer = Trainer(config, workdir)
-    assert trainer.steps_per_epoch == 2  # 16 rows listed (the bad ones are only found when read)
+    assert trainer.steps_per_epoch == 2  # 32 rows listed (the bad ones are only found when read)
     trainer.train()
-    # Rows 0-9 less 2, 5 | 10-15, 0, 1 | 3, 4, 6-11 (2, 5 again) | 12-15, 0, 1, 3, 4 (2 again)
+    # Rows 0-17 less 2, 5 | 18-31, 0, 1 | 3, 4, 6-19 (2, 5 again) | 20-31, 0, 1, 3, 4 (2 again)
     assert [r["train/skipped_examples"] for r in train_rows(workdir)] == [2, 2, 4]
     mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
     assert checkpointing.restore_meta(mngr, 2) == {"skipped_examples": 2}
     mngr.close()
     # A longer run resumes from step 3 with the count of the first three steps.
-    config.train.epochs = config.optim.schedule_epochs = 2.0
+    config.train.epochs = 2.0
     Trainer(config, workdir).train()
     last = train_rows(workdir)[-1]
     assert last["step"] == 4 and last["train/skipped_examples"] == 5

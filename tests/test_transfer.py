@@ -295,9 +295,11 @@ def test_synthetic_tasks_and_protocol_defaults():
     config = tiny_config()
     kinds = {name: suite.load_task(config, name).kind for name in suite.synthetic_task_names(config)}
     assert kinds == {"synthetic_conditions": "classification", "synthetic_dr_grade": "classification",
-                     "synthetic_findings": "multilabel", "synthetic_reports": "retrieval"}
-    assert {p: suite.default_task(config, p) for p in ("tip_adapter", "multilabel", "retrieval")} == {
-        "tip_adapter": "synthetic_conditions", "multilabel": "synthetic_findings", "retrieval": "synthetic_reports"}
+                     "synthetic_findings": "multilabel", "synthetic_reports": "retrieval",
+                     "synthetic_lesions": "segmentation"}
+    assert {p: suite.default_task(config, p) for p in ("tip_adapter", "multilabel", "retrieval", "segmentation")} == {
+        "tip_adapter": "synthetic_conditions", "multilabel": "synthetic_findings", "retrieval": "synthetic_reports",
+        "segmentation": "synthetic_lesions"}
     grade = suite.load_task(config, "synthetic_dr_grade")
     record = grade.source.record(3)
     assert grade.label(record) == record["dr_grade"] and len(grade.classes) == 5
@@ -373,7 +375,9 @@ def test_a_users_task_file_runs_on_real_photographs(trained, tmp_path):
 def test_cli_runs_every_protocol_and_writes_its_report(trained, tmp_path):
     _, _, workdir = trained
     out = str(tmp_path / "reports")
-    options = ["adapter_epochs=2", "finetune_epochs=2", "finetune_patience=1", "retrieval_size=24"]
+    options = ["adapter_epochs=2", "finetune_epochs=2", "finetune_patience=1", "retrieval_size=24",
+               "segmentation_train_size=16", "segmentation_test_size=8", "segmentation_steps=3",
+               "segmentation_batch_size=8"]
     cmd = [sys.executable, "-m", "retina_jax.evaluate", f"--config={DEMO}", f"--workdir={workdir}",
            *cli_flags(**HELDOUT, **RUN), "--protocol=all", "--shots_train=2,4", "--shots_test=4", "--shots_val=2",
            "--folds=2", f"--out={out}", *[f"--option={o}" for o in options]]
@@ -400,3 +404,6 @@ def test_cli_runs_every_protocol_and_writes_its_report(trained, tmp_path):
     assert np.isfinite(summary["multilabel"]["metrics"]["linear_probe"]["macro_auc"])
     assert summary["retrieval"]["metrics"]["recall"]["num_pairs"] == 24
     assert summary["finetune"]["settings"][0]["aca"] >= 0
+    seg = summary["segmentation"]["metrics"]["segmentation"]
+    assert summary["segmentation"]["task"] == "synthetic_lesions" and seg["num_examples"] == 8
+    assert 0 <= seg["mean_dice"] <= 1 and "dice/optic_disc" in seg

@@ -17,6 +17,21 @@ generator of their own, ``default_rng([seed, index, _MODALITY_STREAM])``: the ey
 reports are the same whatever the modality, and a CFP-only corpus is bit-identical to one built
 before the modalities existed.
 
+Segmentation masks (``SyntheticFundus.masks`` / ``item_with_masks``, CFP only): one binary channel
+per ``MASK_CLASSES`` entry, the pixels where the image shows that structure. The CFP renderer draws
+them itself while it renders, on layers of their own at the image's resolution, from the geometry it
+draws into the image; random drawing calls (haemorrhage outlines, vessel trees, new vessels, pigment
+spicules) are replayed on a mask layer with a copy of the renderer's generator, so the masks cost the
+image's stream nothing and the image is bit-identical with or without them. A hard-edged structure
+is its exact pixels; a soft-edged one (disc, cup, atrophy, cotton-wool spots, drusen) the pixels its
+paste covers at least half. What is painted over leaves its channel (a vessel under a haemorrhage,
+anything under a hard exudate or under a cotton-wool spot or druse at least half opaque, the atrophy
+under the disc); what shows through the multiplied vessel/dark-lesion layer stays (a vessel on the
+disc is in both channels). A lesion channel is all zero when the example lacks that finding. The
+vessel layer's slight blur (images of 160 px and more), the cataract haze and the quality attributes
+(blur, noise, exposure) do not change the masks; they are cut to the field of view (where it is at
+least half open) and mirrored with a left eye.
+
 Geometry is sampled in a canonical right-eye frame in normalised coordinates ``u in [-1, 1]``
 (pixel = ``(u + 1) * S / 2``; the field of view has radius ~0.94; the optic disc is on the right,
 i.e. nasal side, temporal is ``-x``); left eyes are rendered mirrored. All sizes are fractions of
@@ -24,6 +39,7 @@ the image size, so any ``image_size >= 32`` works.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -37,13 +53,21 @@ from retina_jax.data.knowledge import (
     FINDINGS,
 )
 
-__all__ = ['CorpusSpec', 'MODALITIES', 'SyntheticFundus', 'dr_grade_from_lesions']
+__all__ = ['CorpusSpec', 'MASK_CLASSES', 'MODALITIES', 'SyntheticFundus', 'dr_grade_from_lesions']
 
 FOV_RADIUS = 0.94
 MODALITIES = ('CFP', 'FFA', 'OCT')
 # Third seed word of an example's modality generator: the modality and its caption come from a stream
 # of their own, so adding modalities leaves every other draw (and a CFP-only corpus) unchanged.
 _MODALITY_STREAM = 0x4D4F44
+# Channels of the CFP segmentation masks, in order: the findings the renderer draws as a region of their
+# own (FINDINGS names), then the anatomy every eye has. Not here: tessellation (a diffuse choroidal
+# pattern over the whole fundus), cataract haze (global), arterial narrowing and av nicking (they change
+# the vessels, whose channel shows them), enlarged cup (the 'optic cup' channel, in every eye). The
+# peripapillary atrophy channel is its crescent outside the disc, which the renderer paints over it.
+MASK_CLASSES = ('microaneurysm', 'haemorrhage', 'hard exudate', 'cotton-wool spot', 'neovascularization', 'drusen',
+                'geographic atrophy', 'peripapillary atrophy', 'bone-spicule pigment', 'macular hole', 'laser scar',
+                'vessels', 'optic disc', 'optic cup')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,16 +678,84 @@ class _Canvas:
         return (cx - rxp, cy - ryp, cx + rxp, cy + ryp)
 
 
-def _soft_paste(img, S, scale, blur, color, draw_fn):
-    """Draw an L mask at `scale` resolution, blur it (normalised units), upsample and paste `color`."""
+def _soft_paste(img, S, scale, blur, color, draw_fn, masks: _MaskLayers | None = None, name: str = '',
+                covers: bool = False):
+    """Draw an L mask at `scale` resolution, blur it (normalised units), upsample and paste `color`.
+    With `masks`, the drawn shapes at full opacity, softened and upsampled alike, mark layer `name`
+    where they cover at least half a pixel: the structure's outline as the image shows it, whatever
+    its opacity (every `draw_fn` that has a mask layer fills with a value > 0); with `covers`, the
+    paste also hides what was drawn before wherever it is at least half opaque."""
     cv = _Canvas(S, scale)
     m = Image.new('L', (cv.s, cv.s), 0)
     draw_fn(ImageDraw.Draw(m), cv)
+    layers = [m] if masks is None else [m, m.point(lambda v: 255 if v else 0)]
     if blur > 0:
-        m = m.filter(ImageFilter.GaussianBlur(max(0.5, blur * cv.h)))
+        layers = [a.filter(ImageFilter.GaussianBlur(max(0.5, blur * cv.h))) for a in layers]
     if cv.s != S:
-        m = m.resize((S, S), Image.BILINEAR)
-    img.paste(tuple(int(v) for v in color), None, m)
+        layers = [a.resize((S, S), Image.BILINEAR) for a in layers]
+    img.paste(tuple(int(v) for v in color), None, layers[0])
+    if masks is not None:
+        masks.mark(name, layers[1])
+        if covers:
+            masks.cover(name, layers[0])
+
+
+class _MaskLayers:
+    """One binary layer per MASK_CLASSES entry at the image's resolution, drawn on by the CFP renderer."""
+
+    def __init__(self, S):
+        self.S = S
+        self.cv = _Canvas(S)
+        self._layers = {name: Image.new('L', (S, S), 0) for name in MASK_CLASSES}
+        self._draws = {name: ImageDraw.Draw(m) for name, m in self._layers.items()}
+
+    def draw(self, name: str) -> ImageDraw.ImageDraw:
+        return self._draws[name]
+
+    def ellipses(self, name: str, boxes):
+        """Ellipses (x, y, rx[, ry]) in normalised coordinates, as `_Canvas.box` takes them."""
+        for b in boxes:
+            self._draws[name].ellipse(self.cv.box(*b), fill=1)
+
+    def mark(self, name: str, coverage: Image.Image):
+        """Marks the pixels `coverage` (L, 255 = fully covered) covers at least half."""
+        self._layers[name].paste(1, None, coverage.point(lambda v: 255 if v >= 128 else 0))
+
+    def clip(self, name: str, within: str):
+        """Keeps layer `name` only where layer `within` is drawn."""
+        self._layers[name].paste(0, None, self._layers[within].point(lambda v: 0 if v else 255))
+
+    def cover(self, name: str, alpha: Image.Image | None = None):
+        """Structure `name` was painted over everything drawn before it where `alpha` (L; default: its
+        own layer, opaque) is at least half: erases those pixels from every other layer (the layers of
+        structures drawn later are still empty)."""
+        if alpha is None:
+            hidden = self._layers[name].point(lambda v: 255 if v else 0)
+        else:
+            hidden = alpha.point(lambda v: 255 if v >= 128 else 0)
+        for other, layer in self._layers.items():
+            if other != name:
+                layer.paste(0, None, hidden)
+
+    def stack(self, names):
+        """`names` were drawn in this order on one layer, each replacing what it covers: each keeps only
+        the pixels no later one took."""
+        for k, top in enumerate(names):
+            hidden = self._layers[top].point(lambda v: 255 if v else 0)
+            for below in names[:k]:
+                self._layers[below].paste(0, None, hidden)
+
+    def array(self, eye: str) -> np.ndarray:
+        """uint8 [S, S, len(MASK_CLASSES)] of 0/1, cut to the field of view, mirrored for a left eye."""
+        fov = np.asarray(_fov_mask(self.S, 'L')) >= 128          # the pixels _quality keeps at least half of
+        a = np.stack([(np.asarray(self._layers[name]) > 0) & fov for name in MASK_CLASSES], -1).astype(np.uint8)
+        return np.ascontiguousarray(a[:, ::-1] if eye == 'left' else a)
+
+
+def _fork(rng: np.random.Generator) -> np.random.Generator:
+    """A generator in `rng`'s current state: a random drawing call replayed with it on a mask layer draws
+    the same geometry as the call the renderer makes with `rng`, and leaves the renderer's stream alone."""
+    return copy.deepcopy(rng)
 
 
 def _grow(rng, starts, ang0, turn, length, noise, n):
@@ -856,7 +948,9 @@ def _frame(spec: CorpusSpec, p: dict):
     return S, float(spec.difficulty), p['lesions'], p['disc'], p['fovea'], _grid(S), _Canvas(S)
 
 
-def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
+def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator, masks: _MaskLayers | None = None) -> np.ndarray:
+    """Colour fundus photograph; with `masks`, also draws each MASK_CLASSES structure on its layer (the
+    image is the same either way: nothing drawn on a mask layer touches `rng`)."""
     S, d, L, (dx, dy, dr), (fx, fy), (c, r2), cv = _frame(spec, p)
 
     # ---- background: colour * vignette * texture * macula (* tessellation)
@@ -880,39 +974,67 @@ def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
     if L['ga'] is not None:
         gxx, gyy, grr = L['ga']
         blobs = [(gxx + _u(rng, -0.4, 0.4) * grr, gyy + _u(rng, -0.4, 0.4) * grr, grr * _u(rng, 0.6, 1.0)) for _ in range(3)]
-        _soft_paste(img, S, 0.5, 0.006, (232, 180, 130), lambda dd, cc: [dd.ellipse(cc.box(*b), fill=235) for b in blobs])
+        _soft_paste(img, S, 0.5, 0.006, (232, 180, 130), lambda dd, cc: [dd.ellipse(cc.box(*b), fill=235) for b in blobs],
+                    masks, 'geographic atrophy')
     ppa = L.get('ppa')
     disc_rx = dr * (0.82 if ppa else 1.0)
     if ppa:
         _soft_paste(img, S, 0.5, 0.004, (232, 222, 200),
-                    lambda dd, cc: dd.ellipse(cc.box(dx - 0.3 * dr * ppa, dy, dr * ppa * 0.85, dr * 1.15), fill=235))
+                    lambda dd, cc: dd.ellipse(cc.box(dx - 0.3 * dr * ppa, dy, dr * ppa * 0.85, dr * 1.15), fill=235),
+                    masks, 'peripapillary atrophy')
     waxy = 'bone-spicule pigment' in p['findings']
     disc_col = (250, 212, 160) if waxy else (242, 150 + _u(rng, -10, 10), 100 + _u(rng, -10, 10))
     cup_r = p['cdr'] * dr
     cup_off = -0.12 * dr * (1 - p['cdr'])
-    _soft_paste(img, S, 1.0, 0.006, disc_col, lambda dd, cc: dd.ellipse(cc.box(dx, dy, disc_rx, dr * 1.08), fill=255))
+    # The opaque disc hides the peripapillary atrophy under it (a crescent shows); the disc keeps the cup
+    # drawn on it, which is cut to the disc where a large cup's outline rounds a pixel past it.
+    _soft_paste(img, S, 1.0, 0.006, disc_col, lambda dd, cc: dd.ellipse(cc.box(dx, dy, disc_rx, dr * 1.08), fill=255),
+                masks, 'optic disc', covers=True)
     _soft_paste(img, S, 1.0, 0.005, (255, 238, 205),
-                lambda dd, cc: dd.ellipse(cc.box(dx + cup_off, dy, cup_r * disc_rx / dr, cup_r * 1.08), fill=235))
+                lambda dd, cc: dd.ellipse(cc.box(dx + cup_off, dy, cup_r * disc_rx / dr, cup_r * 1.08), fill=235),
+                masks, 'optic cup')
+    if masks is not None:
+        masks.clip('optic cup', 'optic disc')
 
     # ---- multiplicative layer: vessels and dark lesions
     M = Image.new('RGB', (S, S), (255, 255, 255))
     md = ImageDraw.Draw(M)
     vein_c = _mul((0.56 + _u(rng, -0.04, 0.04), 0.34, 0.42))
     art_c = _mul((0.8 + _u(rng, -0.04, 0.04), 0.6, 0.66) if L['narrow'] >= 1 else (0.88, 0.72, 0.76))
-    _draw_vessels(md, cv, rng, _vessel_tree(rng, p['disc'], L['narrow']), L, vein_c, art_c, (255, 255, 255))
+    tree = _vessel_tree(rng, p['disc'], L['narrow'])
+    if masks is not None:
+        _draw_vessels(masks.draw('vessels'), cv, _fork(rng), tree, L, 1, 1, 0)
+    _draw_vessels(md, cv, rng, tree, L, vein_c, art_c, (255, 255, 255))
     contrast = 1 - 0.5 * d
     haem_c = np.array([0.6, 0.18, 0.2])
     for x, y, r in L['ma']:
         md.ellipse(cv.box(x, y, r), fill=_mul(1 - (1 - haem_c * _u(rng, 0.9, 1.1)) * contrast))
+    if masks is not None:
+        masks.ellipses('microaneurysm', L['ma'])
     for h in L['haem']:
-        _draw_haem(md, cv, rng, h, p['disc'], _mul(1 - (1 - haem_c * _u(rng, 0.85, 1.15)) * contrast))
+        col = _mul(1 - (1 - haem_c * _u(rng, 0.85, 1.15)) * contrast)
+        if masks is not None:
+            _draw_haem(masks.draw('haemorrhage'), cv, _fork(rng), h, p['disc'], 1)
+        _draw_haem(md, cv, rng, h, p['disc'], col)
+    if masks is not None:
+        _draw_nv(masks.draw('neovascularization'), cv, _fork(rng), L['nv'], 1)
     _draw_nv(md, cv, rng, L['nv'], _mul((0.62, 0.35, 0.45)))
+    if masks is not None:
+        _draw_spicules(masks.draw('bone-spicule pigment'), cv, _fork(rng), L['spicules'], 1)
     _draw_spicules(md, cv, rng, L['spicules'], _mul(np.array([0.22, 0.2, 0.26]) * (1 + d)))
     scar_c = _mul((0.42, 0.33, 0.32))
     for x, y, r in L['scars']:
         md.ellipse(cv.box(x, y, r), fill=scar_c)
     if L['hole'] is not None:
         md.ellipse(cv.box(fx, fy, L['hole']), fill=_mul(1 - (1 - np.array([0.42, 0.3, 0.36])) * contrast))
+    if masks is not None:
+        masks.ellipses('laser scar', L['scars'])
+        if L['hole'] is not None:
+            masks.ellipses('macular hole', [(fx, fy, L['hole'])])
+        # one layer, each draw replacing what it covers; the layer multiplies the soft structures below,
+        # which show through it (a vessel on the disc is both)
+        masks.stack(('vessels', 'microaneurysm', 'haemorrhage', 'neovascularization', 'bone-spicule pigment',
+                     'laser scar', 'macular hole'))
     if S >= 160:
         M = M.filter(ImageFilter.GaussianBlur(0.45 * S / 512 + 0.25))
     img = ImageChops.multiply(img, M)
@@ -921,19 +1043,33 @@ def _render(spec: CorpusSpec, p: dict, rng: np.random.Generator) -> np.ndarray:
     draw = ImageDraw.Draw(img)
     for x, y, r in L['scars']:
         draw.ellipse(cv.box(x, y, r * 0.5), fill=(205, 170, 125))
+    if masks is not None and len(L['scars']):
+        centres = Image.new('L', (S, S), 0)
+        cd = ImageDraw.Draw(centres)
+        for x, y, r in L['scars']:
+            cd.ellipse(cv.box(x, y, r * 0.5), fill=255)
+        masks.mark('laser scar', centres)       # a centre's outline may round a pixel past its scar's
+        masks.cover('laser scar', centres)
     if len(L['cws']):
         blobs = [(x + _u(rng, -0.3, 0.3) * r, y + _u(rng, -0.3, 0.3) * r, r * _u(rng, 0.5, 0.9), r * _u(rng, 0.4, 0.8))
                  for x, y, r in L['cws'] for _ in range(3)]
-        _soft_paste(img, S, 0.5, 0.008, (242, 238, 222), lambda dd, cc: [dd.ellipse(cc.box(*b), fill=int(225 * contrast + 30)) for b in blobs])
+        _soft_paste(img, S, 0.5, 0.008, (242, 238, 222), lambda dd, cc: [dd.ellipse(cc.box(*b), fill=int(225 * contrast + 30)) for b in blobs],
+                    masks, 'cotton-wool spot', covers=True)
     if len(L['drusen']):
         vals = rng.integers(190, 256, len(L['drusen'])) * contrast
         _soft_paste(img, S, 1.0, 0.006, (238, 206, 112),
-                    lambda dd, cc: [dd.ellipse(cc.box(x, y, r), fill=int(v)) for (x, y, r), v in zip(L['drusen'], vals)])
+                    lambda dd, cc: [dd.ellipse(cc.box(x, y, r), fill=int(v)) for (x, y, r), v in zip(L['drusen'], vals)],
+                    masks, 'drusen', covers=True)
     if len(L['exudates']):
         for x, y, r in L['exudates']:
             g = _u(rng, -15, 10)
             col = (248, 228 + g, 110 + 2 * g) if d < 0.5 else (236, 205 + g, 120 + g)
-            draw.ellipse(cv.box(x, y, r, r * _u(rng, 0.7, 1.0)), fill=tuple(int(v) for v in col))
+            box = cv.box(x, y, r, r * _u(rng, 0.7, 1.0))
+            draw.ellipse(box, fill=tuple(int(v) for v in col))
+            if masks is not None:
+                masks.draw('hard exudate').ellipse(box, fill=1)
+        if masks is not None:
+            masks.cover('hard exudate')
     if L['hole'] is None:
         _soft_paste(img, S, 0.5, 0.006, (255, 236, 210), lambda dd, cc: dd.ellipse(cc.box(fx, fy, 0.012), fill=140))
 
@@ -1225,5 +1361,25 @@ class SyntheticFundus:
         out['image'] = _RENDERERS[p['modality']](self.spec, p, rng)
         return out
 
+    def item_with_masks(self, index: int) -> dict:
+        """`self[index]` plus 'masks': uint8 [S, S, len(MASK_CLASSES)] of 0/1 (module docstring), from
+        the one rendering that draws the image. CFP examples only: FFA and OCT draw their own geometry
+        (an angiogram's own vessel tree, a cross-section), for which no masks are drawn."""
+        index = self._check(index)
+        p, rng = self._sample(index)
+        if p['modality'] != 'CFP':
+            raise ValueError(f'{self!r}: example {index} is a {p["modality"]} image; segmentation masks '
+                             f'are drawn for CFP examples only')
+        out = self._to_record(index, p)
+        layers = _MaskLayers(self.spec.image_size)
+        out['image'] = _render(self.spec, p, rng, layers)
+        out['masks'] = layers.array(p['eye'])
+        return out
+
+    def masks(self, index: int) -> np.ndarray:
+        """uint8 [S, S, len(MASK_CLASSES)] segmentation masks of CFP example `index` (see item_with_masks)."""
+        return self.item_with_masks(index)['masks']
+
 
 assert all(c in CATEGORY_DESCRIPTIONS for c in CONDITIONS + DR_GRADE_CATEGORIES + FINDINGS)
+assert set(MASK_CLASSES[:-3]) <= set(FINDINGS)

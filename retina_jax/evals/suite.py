@@ -44,12 +44,14 @@ from retina_jax import losses
 from retina_jax.data import knowledge, pipeline, transforms
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.evals import adapters, finetune as finetune_lib, multilabel, report, retrieval, splits, tasks, zeroshot
+from retina_jax.evals import segmentation as segmentation_lib
 from retina_jax.evals.metrics import classification_metrics
 
 KINDS = ("classification", "multilabel", "retrieval", "segmentation")
 DR_GRADE_TASK = "synthetic_dr_grade"
 FINDINGS_TASK = "synthetic_findings"
 REPORTS_TASK = "synthetic_reports"
+SEGMENTATION_TASK = "synthetic_lesions"
 RETRIEVAL_SEED = 40_009  # the held-out image-report pairs; never a training seed (checked)
 SPLIT_KEYS = ("shots_train", "shots_val", "shots_test", "folds", "balance")
 
@@ -72,6 +74,13 @@ class Options:
     finetune_patience: int = finetune_lib.FINETUNE_PATIENCE
     finetune_weight_decay: float = finetune_lib.FINETUNE_WEIGHT_DECAY
     retrieval_size: int = 200
+    # Segmentation transfer (evals/segmentation.py): decoder training on the held-out corpus's masks.
+    segmentation_train_size: int = 256
+    segmentation_test_size: int = 128
+    segmentation_steps: int = 300
+    segmentation_lr: float = 1e-3
+    segmentation_batch_size: int = 16
+    segmentation_finetune: bool = False  # False: frozen image tower, only the U-Net decoder trains
 
     @classmethod
     def parse(cls, items: Sequence[str]) -> Options:
@@ -189,11 +198,19 @@ def _reports_task(config, options: Options) -> TaskData:
                     text=lambda example: pipeline.report_text(example, language, drop))
 
 
+def _segmentation_task(config, options: Options) -> TaskData:
+    # The images and masks come from `segmentation.synthetic_segmentation_data` (the multi-label
+    # transfer's held-out corpora); the source here only names the test corpus.
+    return TaskData(SEGMENTATION_TASK, "segmentation", pipeline.multilabel_source(config, "test"),
+                    lambda example: example["index"], tuple(segmentation_lib.MASK_CLASSES))
+
+
 # The held-out synthetic tasks by name (besides the config's own zero-shot task, named by
 # `config.eval.zero_shot.name`), and the one each kind of protocol runs on by default.
 SYNTHETIC_TASKS: dict[str, Callable[..., TaskData]] = {
-    DR_GRADE_TASK: _dr_grade_task, FINDINGS_TASK: _findings_task, REPORTS_TASK: _reports_task}
-DEFAULT_TASKS = {"multilabel": FINDINGS_TASK, "retrieval": REPORTS_TASK}
+    DR_GRADE_TASK: _dr_grade_task, FINDINGS_TASK: _findings_task, REPORTS_TASK: _reports_task,
+    SEGMENTATION_TASK: _segmentation_task}
+DEFAULT_TASKS = {"multilabel": FINDINGS_TASK, "retrieval": REPORTS_TASK, "segmentation": SEGMENTATION_TASK}
 
 
 def synthetic_task_names(config) -> list[str]:
@@ -384,6 +401,19 @@ def _retrieval(ctx: TaskFeatures, settings: list[dict], options: Options) -> dic
     return {"metrics": {"recall": retrieval.retrieval_metrics(ctx.zimg, ctx.text_embeddings(texts), texts)}}
 
 
+def _segmentation(ctx: TaskFeatures, settings: list[dict], options: Options) -> dict:
+    """Lesion/anatomy segmentation transfer: a U-Net decoder on the image tower (METHODS.md section 4)."""
+    config = ctx.trainer.config
+    size = config.data.image_size
+    train = segmentation_lib.synthetic_segmentation_data(config, "train", options.segmentation_train_size, size)
+    test = segmentation_lib.synthetic_segmentation_data(config, "test", options.segmentation_test_size, size)
+    result = segmentation_lib.segmentation_transfer(
+        ctx.trainer.model, ctx.variables, *train, *test, steps=options.segmentation_steps, lr=options.segmentation_lr,
+        batch_size=options.segmentation_batch_size, finetune_encoder=options.segmentation_finetune,
+        class_names=ctx.task.classes, seed=config.seed)
+    return {"metrics": {"segmentation": result}}
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """`kind`: the task kind it runs on. A `per_fold` protocol maps (features, split, options) to
@@ -413,6 +443,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "multilabel": Protocol("multilabel", _multilabel, False,
                            {"shots_train": "80%", "shots_val": "0", "shots_test": "20%", "folds": 1, "balance": False}),
     "retrieval": Protocol("retrieval", _retrieval, False, {}, ("retrieval_size",)),
+    "segmentation": Protocol("segmentation", _segmentation, False, {},
+                             tuple(f.name for f in dataclasses.fields(Options) if f.name.startswith("segmentation_"))),
 }
 
 

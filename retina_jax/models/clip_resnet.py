@@ -126,9 +126,13 @@ class ModifiedResNet(nn.Module):
         return self.output_dim
 
     @nn.compact
-    def __call__(self, x, train: bool = False, return_tokens: bool = False):
+    def __call__(self, x, train: bool = False, return_tokens: bool = False, stages: bool = False):
         """Returns the pooled feature [B, output_dim] in float32, and with `return_tokens` also
-        the layer4 map flattened row-major ([B, HW, 32 * width], compute dtype)."""
+        the layer4 map flattened row-major ([B, HW, 32 * width], compute dtype); with `stages`,
+        also the multi-scale maps, finest first: the stem's (stride 2, before its average pool)
+        and each stage's output (strides 4 to 32), compute dtype (models/segmentation.py)."""
+        if return_tokens and stages:
+            raise ValueError("ModifiedResNet: ask for either tokens or stage maps, not both")
         if len(self.layers) != 4:
             raise ValueError(f"ModifiedResNet has 4 stages (CLIP's stride-32 layout), got "
                              f"layers={self.layers}")
@@ -138,12 +142,14 @@ class ModifiedResNet(nn.Module):
         x = nn.relu(bn(name="bn1")(conv(self.width // 2, 3, 2, name="conv1")(x)))  # [B, H/2, ..]
         x = nn.relu(bn(name="bn2")(conv(self.width // 2, 3, 1, name="conv2")(x)))
         x = nn.relu(bn(name="bn3")(conv(self.width, 3, 1, name="conv3")(x)))
+        maps = [x]
         x = _avg_pool(x, 2)  # [B, H/4, W/4, width]
         for i, num_blocks in enumerate(self.layers):
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
                 x = Bottleneck(self.width * 2 ** i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
                     x, train)
+            maps.append(x)
         b, h, w, c = x.shape  # [B, H/32, W/32, 32 * width]
         if (h, w) != (self.grid, self.grid):
             raise ValueError(
@@ -153,6 +159,8 @@ class ModifiedResNet(nn.Module):
                 f"(convert.modified_resnet_from_clip_state_dict(..., resample_positions=True)).")
         pooled = AttentionPool2d(self.grid, self.heads, self.output_dim, self.dtype,
                                  name="attnpool")(x).astype(jnp.float32)  # [B, output_dim]
+        if stages:
+            return pooled, tuple(maps)
         return (pooled, x.reshape(b, h * w, c)) if return_tokens else pooled
 
 

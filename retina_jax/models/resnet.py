@@ -143,13 +143,18 @@ class ResNet(nn.Module):
         return self.width * 2 ** (len(self._stage_sizes()) - 1) * expansion
 
     @nn.compact
-    def __call__(self, x, train: bool, spatial: bool = False):
+    def __call__(self, x, train: bool, spatial: bool = False, stages: bool = False):
         """Pooled features [B, F]; with `spatial`, also the last stage's map as tokens [B, h*w, F]
-        (KeepFIT V2's caption decoder cross-attends to them)."""
+        (KeepFIT V2's caption decoder cross-attends to them); with `stages`, also the multi-scale
+        maps, finest first: the stem's (stride 2, before the max pool) and each stage's output
+        (strides 4, 8, ...), compute dtype; the skip connections of models/segmentation.py."""
+        if spatial and stages:
+            raise ValueError("ResNet: ask for either spatial tokens or stage maps, not both")
         block_cls = Bottleneck if self._is_bottleneck() else BasicBlock
         x = x.astype(self.dtype)  # [B, H, W, 3]
         x = _Blocks.conv(self.width, 7, 2, self.dtype, "conv1")(x)  # [B, H/2, W/2, width]
         x = nn.relu(_Blocks.bn(train, self.dtype, "bn1")(x))
+        maps = [x]
         # torch MaxPool2d(3, 2, padding=1) pads with -inf; reduce_window pads with its -inf init.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))  # [B, H/4, W/4, width]
         for i, num_blocks in enumerate(self._stage_sizes()):
@@ -157,9 +162,12 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 x = block_cls(self.width * 2 ** i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
                     x, train)
+            maps.append(x)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, F] global average pool
         if spatial:
             return pooled, x.reshape(x.shape[0], -1, x.shape[-1])
+        if stages:
+            return pooled, tuple(maps)
         return pooled
 
 

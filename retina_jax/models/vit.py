@@ -153,11 +153,16 @@ class VisionTransformer(nn.Module):
         return self.width
 
     @nn.compact
-    def __call__(self, x, train: bool = False, return_tokens: bool = False):
+    def __call__(self, x, train: bool = False, return_tokens: bool = False, stages: bool = False):
         """Returns the pooled feature [B, width] in float32, and with `return_tokens` also the
-        final-block tokens before `ln_post` ([B, 1 + N, width], class token first, compute dtype).
-        `train` is accepted for the tower interface: CLIP's ViT has no dropout or batch norm."""
+        final-block tokens before `ln_post` ([B, 1 + N, width], class token first, compute dtype);
+        with `stages`, also every block's patch tokens as a grid ([B, g, g, width] per block, first
+        block first, class token dropped, compute dtype): the skip connections of
+        models/segmentation.py. `train` is accepted for the tower interface: CLIP's ViT has no
+        dropout or batch norm."""
         del train
+        if return_tokens and stages:
+            raise ValueError("VisionTransformer: ask for either tokens or stage grids, not both")
         b, h, w, _ = x.shape
         p, g = self.patch_size, self.grid
         if (h // p, w // p) != (g, g):
@@ -181,10 +186,15 @@ class VisionTransformer(nn.Module):
         # OpenAI CLIP's init stds: attention in-proj, output projections (scaled by depth), MLP in.
         attn_std, fc_std = scale, (2 * self.width) ** -0.5
         proj_std = scale * (2 * self.layers) ** -0.5
+        grids = []
         for i in range(self.layers):
             x = ResidualAttentionBlock(self.heads, self.mlp_dim or 4 * self.width, attn_std,
                                        proj_std, fc_std, self.dtype, name=f"resblocks_{i}")(x)
+            if stages:
+                grids.append(x[:, 1:].reshape(b, g, g, self.width))  # row-major, as patchified
         pooled = layer_norm(self.dtype, "ln_post")(x[:, 0]).astype(jnp.float32)  # [B, width]
+        if stages:
+            return pooled, tuple(grids)
         return (pooled, x) if return_tokens else pooled
 
 
