@@ -9,7 +9,9 @@ not need:
   `data.on_error = 'raise'` (default) that stops the run with the message; with `'skip'` the
   example becomes a marker, `SkipCountingBatch` fills the batch with the next good examples and
   counts the markers, and the trainer logs and checkpoints the running count. A bad example is
-  never replaced by a wrong one and never crashes a long run silently.
+  never replaced by a wrong one and never crashes a long run silently. What the sources check
+  when a dataset is opened (a malformed CSV/JSONL row, an unknown category) is still an error
+  naming the file and row in both modes: it stops the run before the first step, not mid-run.
 * Mixing. `data.mixing = 'balanced'` is FLAIR's dataset-balanced sampling (every dataset equally
   often, whatever its size); `'weights'` uses each dataset's `weight`; `'concat'` draws every
   example once per epoch (weights proportional to size).
