@@ -83,11 +83,11 @@ def validate(config, num_devices: int) -> None:
           "data.source='files' needs at least one dataset (name -> format, path, image_root)")
     for field, datasets in (("data.datasets", config.data.datasets), ("data.expert.datasets", config.data.expert.datasets)):
         for name, entry in datasets.items():
-            fmt = entry.get("format") if hasattr(entry, "get") else None
-            check(fmt in FILE_FORMATS, f"{field}.{name}.format", f"{fmt!r} not in {FILE_FORMATS}")
-            check(bool(hasattr(entry, "get") and entry.get("path")), f"{field}.{name}.path", "must be set")
-            check(not hasattr(entry, "get") or float(entry.get("weight", 1.0)) > 0, f"{field}.{name}.weight",
-                  "must be > 0")
+            entry = entry if hasattr(entry, "get") else {}  # not a ConfigDict: every field is reported missing
+            check(entry.get("format") in FILE_FORMATS, f"{field}.{name}.format",
+                  f"{entry.get('format')!r} not in {FILE_FORMATS}")
+            check(bool(entry.get("path")), f"{field}.{name}.path", "must be set")
+            check(float(entry.get("weight", 1.0)) > 0, f"{field}.{name}.weight", "must be > 0")
     check(config.data.mixing in MIXING, "data.mixing", f"{config.data.mixing!r} not in {MIXING}")
     check(config.data.on_error in ON_ERROR, "data.on_error", f"{config.data.on_error!r} not in {ON_ERROR}")
     check(config.data.image_size >= 32, "data.image_size", f"{config.data.image_size} < 32")

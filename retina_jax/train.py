@@ -55,6 +55,8 @@ class Trainer:
 
         self.tokenize = Tokenize(pipeline.prepare_tokenizer(config, self.workdir), config.text.max_len)
         self.global_batch = config.data.batch_size
+        # Real datasets are opened (their CSV/JSONL rows parsed) once, here, and reused by train().
+        self.datasets = files.open_datasets(config) if config.data.source == "files" else None
         if config.mlm.enabled:  # KeepFIT V2 stage `text`: the text tower alone
             self.model = MaskedLM(text_config(config.model.txt, self.tokenize.vocab_size),
                                   jnp.dtype(config.model.compute_dtype))
@@ -62,7 +64,7 @@ class Trainer:
         else:
             self.model = build_model(config.model, self.tokenize.vocab_size, config.data.image_size,
                                      config.text.max_len)
-            self.steps_per_epoch = max(1, pipeline.train_size(config) // self.global_batch)
+            self.steps_per_epoch = max(1, pipeline.train_size(config, self.datasets) // self.global_batch)
         self.num_labels = pipeline.num_labels(config)
         self.total_steps = max(1, int(round(config.train.epochs * self.steps_per_epoch)))
         self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
@@ -296,7 +298,7 @@ class Trainer:
         if config.mlm.enabled:
             data_iter = self.data_iter = iter(pipeline.mlm_dataset(config, self.tokenize.path))
         else:
-            data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize))
+            data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize, self.datasets))
         extractor = pipeline.label_extractor(config)
         if extractor is not None and jax.process_index() == 0:
             self.label_coverage = pipeline.log_label_coverage(config, extractor)
@@ -318,8 +320,9 @@ class Trainer:
         try:
             for step in range(start, self.total_steps):
                 batch = next(data_iter)
-                # Bad examples passed over to fill this batch (data.on_error='skip'); a host count.
-                self.skipped_examples += int(batch.pop(files.SKIPPED, 0))
+                # Bad examples passed over to fill this batch (data.on_error='skip'); a host count
+                # that make_global leaves behind.
+                self.skipped_examples += int(batch.get(files.SKIPPED, 0))
                 state, metrics = self.train_step(state, pipeline.make_global(batch, self.batch_sharding))
                 throughput.add(self.global_batch)
                 done = step + 1

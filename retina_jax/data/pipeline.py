@@ -320,19 +320,22 @@ def train_transform(config):
                           config.data.description_swap)
 
 
-def train_size(config) -> int:
-    """Examples in one epoch of the public stream (every process's shards together)."""
+def train_size(config, datasets: dict | None = None) -> int:
+    """Examples in one epoch of the public stream (every process's shards together); `datasets`:
+    the already opened `data.datasets` (`files.open_datasets`), opened here when None."""
     if config.data.source == "files":
-        return sum(len(source) for source in files.open_datasets(config).values())
+        return sum(len(source) for source in (datasets or files.open_datasets(config)).values())
     return config.data.synthetic.size
 
 
-def train_dataset(config, tokenize: Tokenize) -> grain.IterDataset:
+def train_dataset(config, tokenize: Tokenize, datasets: dict | None = None) -> grain.IterDataset:
+    """The public training stream (+ the expert one); `datasets` as for `train_size`, so a caller
+    that measured the epoch does not open (parse) every dataset again."""
     transform = train_transform(config)
     batch_size = local_batch_size(config.data.batch_size)
     if config.data.source == "files":
         # Datasets on disk: guarded against bad input, mixed, batched with a skip count.
-        ds = files.mixed_stream(config, files.open_datasets(config), transform, jax.process_index(),
+        ds = files.mixed_stream(config, datasets or files.open_datasets(config), transform, jax.process_index(),
                                 jax.process_count())
         expert = expert_dataset(config, tokenize, None) if config.data.expert.enabled else None
         it = files.SkipCountingBatch(ds.to_iter_dataset(), batch_size, Collate(tokenize), expert)
