@@ -368,6 +368,17 @@ def test_a_users_task_file_runs_on_real_photographs(trained, tmp_path):
     assert os.path.isfile(tmp_path / "out" / "photos" / "linear_probe.md")
     zero = suite.run_protocol(trainer, trainer.state, "zero_shot", task, str(tmp_path / "out"), features=features)
     assert zero["settings"][0]["folds"][0]["num_test"] == 12
+    # FLAIR's quirk switch `tip_test_augment`: Tip-Adapter scores the test images' augmented features
+    # (on, the default) or their plain ones (off).
+    split = splits.Split(seed=0, train=np.arange(6), val=np.zeros((0,), np.int64), test=np.arange(6, 12))
+    values = adapters.one_hot(features.labels[:6], len(task.classes))
+    run = suite.get_protocol("tip_adapter").run
+    for augment, test_features in ((True, features.zimg_augmented), (False, features.zimg)):
+        probs, _ = run(features, split, suite.Options(tip_test_augment=augment))
+        want = adapters.tip_adapter_probs(test_features[6:], features.prototypes, features.zimg[:6], values,
+                                          adapters.TIP_ALPHA, adapters.TIP_BETA)
+        np.testing.assert_allclose(probs, want, rtol=1e-6)
+    assert not np.allclose(features.zimg_augmented[6:], features.zimg[6:])
     with pytest.raises(ValueError, match="data root"):
         suite.load_task(trainer.config, str(task_file))
 
