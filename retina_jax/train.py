@@ -57,6 +57,14 @@ class Trainer:
         self.global_batch = config.data.batch_size
         # Real datasets are opened (their CSV/JSONL rows parsed) once, here, and reused by train().
         self.datasets = files.open_datasets(config) if config.data.source == "files" else None
+        e = config.data.expert
+        self.expert_datasets = files.open_datasets(config, e.datasets, "data.expert.datasets") \
+            if e.enabled and e.datasets and not config.mlm.enabled else None
+        # Rows dropped while parsing them (data.on_error='skip') start a fresh run's skip count.
+        self.bad_rows = files.bad_rows(self.datasets or {}, self.expert_datasets or {})
+        if self.bad_rows:
+            logging.warning("%d bad dataset rows dropped (data.on_error='skip'), first: %s", len(self.bad_rows),
+                            self.bad_rows[0])
         if config.mlm.enabled:  # KeepFIT V2 stage `text`: the text tower alone
             self.model = MaskedLM(text_config(config.model.txt, self.tokenize.vocab_size),
                                   jnp.dtype(config.model.compute_dtype))
@@ -121,7 +129,7 @@ class Trainer:
         With `model.logit_scale_reset` (ViLReF's quirk) the temperature then restarts at its initial
         value, in the online and the momentum parameters, whatever the checkpoint held.
         """
-        self.skipped_examples = 0
+        self.skipped_examples = len(self.bad_rows)  # a resumed run reads its count from the checkpoint
         if mngr.latest_step() is not None:
             logging.info("resuming from %s step %d", mngr.directory, mngr.latest_step())
             state = checkpointing.restore(mngr, self.abstract_state, data_iter)
@@ -298,7 +306,8 @@ class Trainer:
         if config.mlm.enabled:
             data_iter = self.data_iter = iter(pipeline.mlm_dataset(config, self.tokenize.path))
         else:
-            data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize, self.datasets))
+            data_iter = self.data_iter = iter(pipeline.train_dataset(config, self.tokenize, self.datasets,
+                                                                     self.expert_datasets))
         extractor = pipeline.label_extractor(config)
         if extractor is not None and jax.process_index() == 0:
             self.label_coverage = pipeline.log_label_coverage(config, extractor)

@@ -343,3 +343,19 @@ def test_cli_on_error_with_a_missing_image_file(tmp_path, capsys):
     assert summary['examples'] == 4 and summary['skipped'] == 1
     assert summary['skipped_messages'][0].startswith(f'{path} line 3: ')
     assert [r['index'] for r in map(ArrayRecordSource(tmp_path / 'ds', 'train').__getitem__, range(4))] == [0, 1, 3, 4]
+
+
+def test_cli_on_error_with_a_bad_row(tmp_path, capsys):
+    # A JSONL line that fails the source's parse-time checks (an empty report) stops the build by
+    # default and, with --on-error skip, is dropped and counted in the summary like a bad image.
+    path = export.write_jsonl(corpus(5), str(tmp_path / 'data'))
+    lines = open(path, encoding='utf-8').read().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), 'text': ''})
+    open(path, 'w', encoding='utf-8').write('\n'.join(lines) + '\n')
+    args = ['--format', 'jsonl', '--input', path, '--out', str(tmp_path / 'ds')]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and f'{path} line 2: empty report' in capsys.readouterr().err
+    summary = main(args + ['--on-error', 'skip'])
+    assert summary['examples'] == 4 and summary['skipped'] == 1
+    assert summary['skipped_messages'] == [f'{path} line 2: empty report ("text" is \'\')']

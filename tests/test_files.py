@@ -3,6 +3,8 @@ feeds the trainer, bad input raises naming the file and row or is skipped and co
 count survives a resume), and datasets mix as configured."""
 import dataclasses
 import os
+from csv import reader as csv_reader
+from csv import writer as csv_writer
 
 import ml_collections
 import numpy as np
@@ -157,6 +159,9 @@ def test_skipped_examples_are_counted_exactly_and_never_replaced_by_wrong_ones(t
 
 def test_skip_count_is_logged_checkpointed_and_restored_on_resume(tmp_path):
     csv = _broken_csv(tmp_path, bad=(2, 5), rows=32)
+    # + a row the source drops when it parses the CSV (unknown category): counted once, at the start.
+    with open(csv, "a", encoding="utf-8") as f:
+        f.write("32,images/0000000.png,[],['unicorn disease']\n")
     # test_train's tiny run and schedule (12-step cosine, 4 warm-up steps): its compiled step.
     config = with_datasets(tiny_config(**{"data.shuffle": False, "data.ood_ban": False, "data.on_error": "skip",
                                           "train.epochs": 1.5, "optim.schedule_epochs": 6.0,
@@ -165,18 +170,53 @@ def test_skip_count_is_logged_checkpointed_and_restored_on_resume(tmp_path):
                            {"csv": entry("flair_csv", csv)})
     workdir = str(tmp_path / "run")
     trainer = Trainer(config, workdir)
-    assert trainer.steps_per_epoch == 2  # 32 rows listed (the bad ones are only found when read)
+    assert trainer.steps_per_epoch == 2  # 32 rows kept (the bad images are only found when read)
+    assert len(trainer.bad_rows) == 1 and "row 32: unknown category ['unicorn disease']" in trainer.bad_rows[0]
     trainer.train()
-    # Rows 0-17 less 2, 5 | 18-31, 0, 1 | 3, 4, 6-19 (2, 5 again) | 20-31, 0, 1, 3, 4 (2 again)
-    assert [r["train/skipped_examples"] for r in train_rows(workdir)] == [2, 2, 4]
+    # The dropped row, then rows 0-17 less 2, 5 | 18-31, 0, 1 | 3, 4, 6-19 (2, 5 again) | 20-31, 0, 1, 3, 4 (2 again)
+    assert [r["train/skipped_examples"] for r in train_rows(workdir)] == [3, 3, 5]
     mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-    assert checkpointing.restore_meta(mngr, 2) == {"skipped_examples": 2}
+    assert checkpointing.restore_meta(mngr, 2) == {"skipped_examples": 3}
     mngr.close()
-    # A longer run resumes from step 3 with the count of the first three steps.
+    # A longer run resumes from step 3 with the count of the first three steps (the dropped row
+    # counted once, not again).
     config.train.epochs = 2.0
     Trainer(config, workdir).train()
     last = train_rows(workdir)[-1]
-    assert last["step"] == 4 and last["train/skipped_examples"] == 5
+    assert last["step"] == 4 and last["train/skipped_examples"] == 6
+    # By default the same CSV stops the run before the first step, naming the file and row.
+    config.data.on_error = "raise"
+    with pytest.raises(ValueError, match=r"data\.datasets\.csv .*row 32: unknown category"):
+        Trainer(config, str(tmp_path / "raising"))
+
+
+def test_keepfit_trains_with_an_mmretinal_expert_csv_and_counts_its_bad_rows(on_disk, tmp_path):
+    _, paths = on_disk
+    # An MM-Retinal CSV with one empty caption (dropped with on_error='skip') and one missing image
+    # (skipped and redrawn when drawn).
+    root = tmp_path / "mm"
+    mm = export.write_mmretinal_csv(CORPUS, str(root))
+    with open(mm, newline="", encoding="utf-8") as f:
+        table = list(csv_reader(f))
+    table[3][table[0].index("caption")] = ""  # data row 2
+    os.remove(root / table[5][table[0].index("image")])
+    with open(mm, "w", newline="", encoding="utf-8") as f:
+        csv_writer(f).writerows(table)
+    # test_keepfit's tiny run: 64 public examples = its 4 steps an epoch (the same compiled step), 2 steps.
+    config = with_datasets(tiny_keepfit(**{"train.epochs": 0.5, "eval.at_end": False, "data.ood_ban": False,
+                                           "data.on_error": "skip"}),
+                           {"csv": entry("flair_csv", paths["flair_csv"]), "jsonl": entry("jsonl", paths["jsonl"]),
+                            "ar": entry("arrayrecord", paths["arrayrecord"])},
+                           mm=entry("mmretinal_csv", mm))
+    trainer = Trainer(config, str(tmp_path / "run"))
+    assert trainer.steps_per_epoch == 4 and len(trainer.expert_datasets["mm"]) == len(CORPUS) - 1
+    assert len(trainer.bad_rows) == 1 and "row 2: empty caption" in trainer.bad_rows[0]
+    trainer.train()
+    rows = train_rows(trainer.workdir)
+    assert len(rows) == 2 and all(np.isfinite(r["train/loss_mm"]) and r["train/loss_mm"] > 0 for r in rows)
+    # The dropped row from the start, then each draw of the missing image (at most one per draw of 8 from 23).
+    assert rows[0]["train/skipped_examples"] >= 1
+    assert rows[-1]["train/skipped_examples"] >= rows[0]["train/skipped_examples"]
 
 
 def test_datasets_mix_balanced_by_weights_or_by_size(tmp_path):

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -259,6 +260,21 @@ def test_flair_csv_bad_rows_name_csv_and_row(lines, message, tmp_path):
     with pytest.raises(DataError, match=message) as err:
         FlairCsvSource(path, tmp_path, ood_ban=False)
     assert str(err.value).startswith(str(path))
+    if 'header:' in message:  # a bad header is an error in both modes
+        with pytest.raises(DataError, match=message):
+            FlairCsvSource(path, tmp_path, ood_ban=False, on_error='skip')
+        return
+    # on_error='skip': the bad row is dropped with its message, the good rows stay.
+    read = FlairCsvSource(path, tmp_path, ood_ban=False, on_error='skip')
+    assert len(read.bad_rows) == 1 and re.search(message, read.bad_rows[0])
+    assert read.bad_rows[0].startswith(str(path))
+    assert len(read) == sum(1 for line in lines[1:] if line) - 1
+
+
+def test_row_sources_refuse_an_unknown_on_error(tmp_path):
+    (tmp_path / 'a.csv').write_text(',image,atributes,categories\n0,a.png,[],[\'normal\']\n')
+    with pytest.raises(ValueError, match=r"on_error must be one of \('raise', 'skip'\), got 'ignore'"):
+        FlairCsvSource(tmp_path / 'a.csv', tmp_path, on_error='ignore')
 
 
 def test_mmretinal_csv_accepts_collection_columns_and_folder_modality(tmp_path):
@@ -279,6 +295,9 @@ def test_mmretinal_csv_accepts_collection_columns_and_folder_modality(tmp_path):
         (tmp_path / 'empty.csv').write_text(f',image,caption\n0,CFP/figure01-01A.jpg,ok\n1,CFP/figure01-01A.jpg,{caption}\n')
         with pytest.raises(DataError, match=r"empty.csv row 1: empty caption \(column 'caption'\)"):
             CaptionCsvSource(tmp_path / 'empty.csv', tmp_path)
+        skipping = CaptionCsvSource(tmp_path / 'empty.csv', tmp_path, on_error='skip')
+        assert len(skipping) == 1 and skipping[0]['caption'] == 'ok'
+        assert len(skipping.bad_rows) == 1 and re.search(r"empty.csv row 1: empty caption", skipping.bad_rows[0])
     (tmp_path / 'modality.csv').write_text(',image,caption,modality\n0,CFP/figure01-01A.jpg,ok,MRI\n')
     with pytest.raises(DataError, match=r"modality.csv row 0: modality 'MRI'"):
         CaptionCsvSource(tmp_path / 'modality.csv', tmp_path)
@@ -360,9 +379,13 @@ def test_jsonl_language_labels_and_bad_lines(tmp_path):
         with pytest.raises(DataError, match=message) as err:
             JsonlSource(path, tmp_path, LABELS)
         assert str(err.value).startswith(f'{path} line 2')
+        skipping = JsonlSource(path, tmp_path, LABELS, on_error='skip')
+        assert len(skipping) == 1 and skipping[0]['where'] == f'{path} line 1'
+        assert len(skipping.bad_rows) == 1 and re.search(message, skipping.bad_rows[0])
     path.write_bytes(json.dumps(good[1]).encode() + b'\n' + '{"image": "x.png", "text": "左眼"}'.encode('gbk') + b'\n')
     with pytest.raises(DataError, match=r'line 2: not UTF-8 text'):
         JsonlSource(path, tmp_path, LABELS)
+    assert len(JsonlSource(path, tmp_path, LABELS, on_error='skip').bad_rows) == 1
 
 
 def test_open_source_unknown_format_lists_the_allowed_ones(tmp_path):

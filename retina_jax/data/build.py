@@ -42,7 +42,8 @@ A source field outside this list is not stored (the summary lists it under ``dro
 
 Bad input. A `DataError` (the message names file and row) while reading or encoding an example either
 stops the build with that message (``on_error='raise'``) or skips the example and counts it
-(``'skip'``: the summary's ``skipped`` count and its first ``MAX_MESSAGES`` messages). The builder's
+(``'skip'``: the summary's ``skipped`` count and its first ``MAX_MESSAGES`` messages; the CLI's CSV and
+JSONL sources then also drop the rows that fail their parse-time checks, counted the same way). The builder's
 own checks (image ``uint8 [H, W, 3]``, labels of the dataset's length and 0/1, texts and lists of texts,
 a known modality) raise `DataError` naming the example the same way.
 
@@ -189,6 +190,9 @@ class _Conversion:
 
     def __call__(self) -> Iterator[tuple[int, dict]]:
         self.positives = np.zeros(len(self.label_names), np.int64)
+        # Rows a CSV/JSONL source built with on_error='skip' dropped when it parsed them count as skipped.
+        bad_rows = list(getattr(self.source, 'bad_rows', ()))
+        self.skipped, self.messages = len(bad_rows), bad_rows[:MAX_MESSAGES]
         encoded_image = getattr(self.source, 'encoded_image', None)
         name = type(self.source).__name__
         with tqdm(total=len(self.source), desc=f'build {self.split}', unit=' examples', disable=not self.progress,
@@ -406,11 +410,12 @@ class ArrayRecordSource:
 
 def open_input(fmt: str, path: str | None = None, *, image_root: str | None = None,
                label_names: Sequence[str] = FINDINGS, ood_ban: bool = True, size: int = 100, seed: int = 0,
-               image_size: int = 512):
+               image_size: int = 512, on_error: str = 'raise'):
     """The source for ``--format fmt``: the embedded synthetic corpus (``size``, ``seed``, ``image_size``), or
     ``sources.open_source(fmt, path, ...)`` with ``label_names``, ``image_root`` for the CSV / JSONL
-    formats (default: the directory of ``path``, where `export` puts the images) and ``ood_ban`` for
-    ``flair_csv`` (FLAIR's out-of-distribution ban list; off to convert an evaluation set)."""
+    formats (default: the directory of ``path``, where `export` puts the images), ``on_error`` for them
+    (``'skip'`` drops a bad row into the source's ``bad_rows``, which the build counts as skipped) and
+    ``ood_ban`` for ``flair_csv`` (FLAIR's out-of-distribution ban list; off to convert an evaluation set)."""
     if fmt == 'synthetic':
         return SyntheticFundus(CorpusSpec(seed=seed, size=size, image_size=image_size))
     if fmt not in FORMATS:
@@ -420,6 +425,7 @@ def open_input(fmt: str, path: str | None = None, *, image_root: str | None = No
     kwargs: dict[str, Any] = {'label_names': tuple(label_names)}
     if fmt in _IMAGE_ROOT_FORMATS:
         kwargs['image_root'] = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+        kwargs['on_error'] = on_error
     elif image_root is not None:
         raise ValueError(f'format {fmt} holds its images; an image root does not apply')
     if fmt == 'flair_csv':
@@ -456,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tfds.display_progress_bar(False)    # the build's own bar shows progress and the skip count
     try:
         source = open_input(args.format, args.input, image_root=args.image_root, label_names=label_names,
-                            ood_ban=not args.no_ood_ban, size=args.size, seed=args.seed, image_size=args.image_size)
+                            ood_ban=not args.no_ood_ban, size=args.size, seed=args.seed, image_size=args.image_size,
+                            on_error=args.on_error)
         if args.format == 'synthetic':
             description = {'format': 'synthetic', 'input': repr(source.spec)}
         else:

@@ -9,9 +9,11 @@ not need:
   `data.on_error = 'raise'` (default) that stops the run with the message; with `'skip'` the
   example becomes a marker, `SkipCountingBatch` fills the batch with the next good examples and
   counts the markers, and the trainer logs and checkpoints the running count. A bad example is
-  never replaced by a wrong one and never crashes a long run silently. What the sources check
-  when a dataset is opened (a malformed CSV/JSONL row, an unknown category) is still an error
-  naming the file and row in both modes: it stops the run before the first step, not mid-run.
+  never replaced by a wrong one and never crashes a long run silently. What the CSV/JSONL sources
+  check when a dataset is opened (a malformed row, an empty path or report, an unknown category
+  or label) follows the same switch: the row is dropped into the source's `bad_rows`, and a fresh
+  run starts its count with them (`bad_rows`). A missing or unreadable file or header is an error
+  in both modes.
 * Mixing. `data.mixing = 'balanced'` is FLAIR's dataset-balanced sampling (every dataset equally
   often, whatever its size); `'weights'` uses each dataset's `weight`; `'concat'` draws every
   example once per epoch (weights proportional to size).
@@ -53,8 +55,9 @@ def open_dataset(config, entry):
     if fmt not in sources.FORMATS:
         raise ValueError(f"unknown format {fmt!r}; allowed: {FORMATS}")
     kwargs = {"label_names": labels}
-    if fmt != "vilref_lmdb":
+    if fmt != "vilref_lmdb":  # the LMDB's pairs are read lazily, so they are guarded per example
         kwargs["image_root"] = entry.get("image_root", "") or os.path.dirname(os.path.abspath(entry.path))
+        kwargs["on_error"] = config.data.on_error
     if fmt == "flair_csv":
         kwargs["ood_ban"] = config.data.ood_ban
     return sources.open_source(fmt, entry.path, **kwargs)
@@ -73,6 +76,11 @@ def open_datasets(config, datasets=None, field: str = "data.datasets") -> dict[s
         if not len(opened[name]):
             raise ValueError(f"{where} has no examples")
     return opened
+
+
+def bad_rows(*opened: dict[str, Any]) -> list[str]:
+    """The messages of the rows every opened source dropped at parse time (`on_error='skip'`)."""
+    return [m for datasets in opened for source in datasets.values() for m in getattr(source, "bad_rows", ())]
 
 
 @dataclasses.dataclass

@@ -328,16 +328,18 @@ def train_size(config, datasets: dict | None = None) -> int:
     return config.data.synthetic.size
 
 
-def train_dataset(config, tokenize: Tokenize, datasets: dict | None = None) -> grain.IterDataset:
-    """The public training stream (+ the expert one); `datasets` as for `train_size`, so a caller
-    that measured the epoch does not open (parse) every dataset again."""
+def train_dataset(config, tokenize: Tokenize, datasets: dict | None = None,
+                  expert_datasets: dict | None = None) -> grain.IterDataset:
+    """The public training stream (+ the expert one); `datasets` as for `train_size` and
+    `expert_datasets` (the opened `data.expert.datasets`), so a caller that opened them does not
+    open (parse) every dataset again."""
     transform = train_transform(config)
     batch_size = local_batch_size(config.data.batch_size)
     if config.data.source == "files":
         # Datasets on disk: guarded against bad input, mixed, batched with a skip count.
         ds = files.mixed_stream(config, datasets or files.open_datasets(config), transform, jax.process_index(),
                                 jax.process_count())
-        expert = expert_dataset(config, tokenize, None) if config.data.expert.enabled else None
+        expert = expert_dataset(config, tokenize, None, expert_datasets) if config.data.expert.enabled else None
         it = files.SkipCountingBatch(ds.to_iter_dataset(), batch_size, Collate(tokenize), expert)
         return _prefetch(config, it)
     ds = grain.MapDataset.source(synthetic_source(config))[jax.process_index()::jax.process_count()]
@@ -347,7 +349,8 @@ def train_dataset(config, tokenize: Tokenize, datasets: dict | None = None) -> g
     ds = ds.repeat(None)
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(tokenize))
     if config.data.expert.enabled:
-        ds = grain.experimental.ZipMapDataset([ds, expert_dataset(config, tokenize, len(ds))]).map(merge_streams)
+        ds = grain.experimental.ZipMapDataset([ds, expert_dataset(config, tokenize, len(ds), expert_datasets)]).map(
+            merge_streams)
     return _prefetch(config, ds.to_iter_dataset())
 
 
@@ -358,13 +361,14 @@ def _prefetch(config, it: grain.IterDataset) -> grain.IterDataset:
     return it
 
 
-def expert_dataset(config, tokenize: Tokenize, num_batches: int | None) -> grain.MapDataset:
+def expert_dataset(config, tokenize: Tokenize, num_batches: int | None, datasets: dict | None = None) -> grain.MapDataset:
     """KeepFIT's expert stream: `num_batches` (as many as the public stream, which ZipMapDataset
     requires; None = unbounded) batches of `data.expert.batch_size` (global) expert pairs, from
-    `data.expert.datasets` (e.g. MM-Retinal CSVs, guarded by `data.on_error`) when set."""
+    `data.expert.datasets` (e.g. MM-Retinal CSVs, guarded by `data.on_error`; `datasets`: those
+    already opened) when set."""
     e = config.data.expert
     if e.datasets:
-        opened = files.open_datasets(config, e.datasets, "data.expert.datasets")
+        opened = datasets or files.open_datasets(config, e.datasets, "data.expert.datasets")
         source = grain.MapDataset.concatenate(
             [grain.MapDataset.source(files.Guarded(s, config.data.on_error, config.data.fov_crop))
              for s in opened.values()])

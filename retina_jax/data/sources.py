@@ -16,7 +16,10 @@ CSV and JSONL files are parsed and validated when the source is built (cheap: te
 read and decoded lazily in `__getitem__`. Sources are picklable for grain's worker processes: they
 hold parsed rows, never open files; the LMDB source opens its environments lazily in each process.
 Bad input raises `images.DataError` naming the file and row (CSV: 0-based data row, i.e. the pandas
-index FLAIR writes as the first column), LMDB key or JSONL line (1-based).
+index FLAIR writes as the first column), LMDB key or JSONL line (1-based). A CSV/JSONL source built
+with `on_error='skip'` drops a bad row instead (a malformed row, an empty path or report, an unknown
+category or label) and keeps its message in `bad_rows`, so the trainer counts it with the bad
+examples it skips later; a bad header or an unreadable file is an error in both modes.
 
 `open_source(format, path, **kwargs)` builds one by its format name (`FORMATS`).
 """
@@ -32,6 +35,7 @@ import pickle
 import threading
 
 import numpy as np
+from absl import logging
 
 from retina_jax.data import knowledge
 from retina_jax.data.images import DataError, decode_image
@@ -80,19 +84,43 @@ class _Source:
         return int(index)
 
 
+ON_ERROR = ('raise', 'skip')
+
+
 class _RowSource(_Source):
     """Rows parsed at construction; `__getitem__` decodes the row's image."""
     _rows: list
+
+    def _start(self, on_error: str):
+        if on_error not in ON_ERROR:
+            raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
+        self.on_error, self._rows, self.bad_rows = on_error, [], []
+
+    def _add(self, parse, where: str, *args):
+        """Appends `parse(where, *args)` (None: the row is dropped on purpose); a DataError raises,
+        or with on_error='skip' drops the row and records its message in `bad_rows`."""
+        try:
+            row = parse(where, *args)
+        except DataError as e:
+            if self.on_error == 'raise':
+                raise
+            logging.warning("dropped a bad row (on_error='skip'): %s", e)
+            self.bad_rows.append(str(e))
+            return
+        if row is not None:
+            self._rows.append(row)
 
     def __len__(self) -> int:
         return len(self._rows)
 
 
 def _read_csv(csv_path: str, required: dict[str, tuple]) -> tuple[dict[str, str | None], list[tuple[int, dict]]]:
-    """-> ({role: the column used, None when an optional role has none}, [(data row, {column: cell})]).
+    """-> ({role: the column used, None when an optional role has none}, [(data row, cells)]) where
+    `cells` is {column: cell}, or a DataError for a malformed row (more or fewer cells than the
+    header), raised by `_cells` when the row is parsed so that on_error='skip' can drop it.
 
     `required` maps a role to the column names accepted for it, first match wins; a role whose
-    aliases end with None is optional. A row with more or fewer cells than the header is malformed."""
+    aliases end with None is optional."""
     if not os.path.isfile(csv_path):
         raise DataError(f'{csv_path}: CSV file not found')
     try:
@@ -123,10 +151,17 @@ def _parse_csv(csv_path: str, required: dict[str, tuple]) -> tuple[dict[str, str
                 continue
             row = len(rows)
             if len(cells) != len(header):
-                raise DataError(f'{csv_path} row {row}: {len(cells)} cells where the header has {len(header)} '
-                                f'({header})')
-            rows.append((row, dict(zip(header, cells))))
+                rows.append((row, DataError(f'{csv_path} row {row}: {len(cells)} cells where the header has '
+                                            f'{len(header)} ({header})')))
+            else:
+                rows.append((row, dict(zip(header, cells))))
     return columns, rows
+
+
+def _cells(cells: dict | DataError) -> dict:
+    if isinstance(cells, DataError):
+        raise cells
+    return cells
 
 
 def _literal_strings(cell: str, column: str, where: str) -> list[str]:
@@ -149,6 +184,7 @@ class FlairCsvSource(_RowSource):
     evaluation tasks pass their class names, with `ood_ban=False`), and a row needs at least one
     category (the FLAIR prompt and loss are built from it; FLAIR's 23_HRF noise rows have none).
     `ood_ban` drops the rows FLAIR excludes from pretraining (`is_ood_banned`); `self.banned` counts them.
+    `on_error='skip'` drops a bad row into `self.bad_rows` instead of raising.
 
     Fills: categories, atributes, modality 'CFP' (the categorical datasets are colour photographs),
     labels = the row's categories that are in `label_names` (on the synthetic corpus exactly its
@@ -156,35 +192,39 @@ class FlairCsvSource(_RowSource):
     """
 
     def __init__(self, csv_path: str, image_root: str, *, ood_ban: bool = True, vocabulary=None,
-                 label_names=knowledge.FINDINGS):
+                 label_names=knowledge.FINDINGS, on_error: str = 'raise'):
         self.csv_path, self.image_root, self.ood_ban = os.fspath(csv_path), os.fspath(image_root), ood_ban
         self.label_names = tuple(label_names)
-        allowed = frozenset(knowledge.category_vocabulary() if vocabulary is None else vocabulary)
-        columns, rows = _read_csv(self.csv_path, {'image': ('image',), 'atributes': ('atributes',),
-                                                  'categories': ('categories',)})
-        self._rows, self.banned = [], 0
+        self._allowed = frozenset(knowledge.category_vocabulary() if vocabulary is None else vocabulary)
+        _, rows = _read_csv(self.csv_path, {'image': ('image',), 'atributes': ('atributes',),
+                                            'categories': ('categories',)})
+        self._start(on_error)
+        self.banned = 0
         for row, cells in rows:
-            where = f'{self.csv_path} row {row}'
-            image = cells['image'].strip()
-            if not image:
-                raise DataError(f'{where}: empty image path')
-            categories = _literal_strings(cells['categories'], 'categories', where)
-            atributes = _literal_strings(cells['atributes'], 'atributes', where)
-            if ood_ban and is_ood_banned(categories):
-                self.banned += 1
-                continue
-            if not categories:
-                raise DataError(f'{where}: no category (FLAIR builds the prompt and the loss target from one)')
-            unknown = [c for c in categories if c not in allowed]
-            if unknown:
-                raise DataError(f'{where}: unknown categor{"y" if len(unknown) == 1 else "ies"} {unknown} '
-                                f'(allowed: {len(allowed)} names, e.g. {sorted(allowed)[:5]})')
-            labels = np.array([name in categories for name in self.label_names], np.uint8)
-            self._rows.append((where, image, categories, atributes, labels))
+            self._add(self._parse, f'{self.csv_path} row {row}', cells)
+
+    def _parse(self, where: str, cells) -> tuple | None:
+        cells = _cells(cells)
+        image = cells['image'].strip()
+        if not image:
+            raise DataError(f'{where}: empty image path')
+        categories = _literal_strings(cells['categories'], 'categories', where)
+        atributes = _literal_strings(cells['atributes'], 'atributes', where)
+        if self.ood_ban and is_ood_banned(categories):
+            self.banned += 1
+            return None
+        if not categories:
+            raise DataError(f'{where}: no category (FLAIR builds the prompt and the loss target from one)')
+        unknown = [c for c in categories if c not in self._allowed]
+        if unknown:
+            raise DataError(f'{where}: unknown categor{"y" if len(unknown) == 1 else "ies"} {unknown} '
+                            f'(allowed: {len(self._allowed)} names, e.g. {sorted(self._allowed)[:5]})')
+        labels = np.array([name in categories for name in self.label_names], np.uint8)
+        return where, image, categories, atributes, labels
 
     def __repr__(self):
         return (f'FlairCsvSource({self.csv_path!r}, {self.image_root!r}, ood_ban={self.ood_ban}, '
-                f'rows={len(self._rows)}, banned={self.banned})')
+                f'rows={len(self._rows)}, banned={self.banned}, bad_rows={len(self.bad_rows)})')
 
     def __getitem__(self, index: int) -> dict:
         index = self._position(index)
@@ -220,32 +260,38 @@ class CaptionCsvSource(_RowSource):
     image's folder decides when it is named CFP, FFA or OCT (the MM-Retinal release's layout), else CFP.
 
     Fills: caption and report_en = the English caption, report_zh = the Chinese caption (or ''),
-    modality; categories, atributes [], labels all zeros over `label_names`.
+    modality; categories, atributes [], labels all zeros over `label_names`. `on_error='skip'` drops
+    a bad row into `self.bad_rows` instead of raising.
     """
 
     IMAGE_COLUMNS = ('image', 'Image_ID')
     CAPTION_COLUMNS = ('caption', 'en_caption')
     CAPTION_ZH_COLUMNS = ('cn_caption', 'zh_caption', None)
 
-    def __init__(self, csv_path: str, image_root: str, *, label_names=knowledge.FINDINGS):
+    def __init__(self, csv_path: str, image_root: str, *, label_names=knowledge.FINDINGS, on_error: str = 'raise'):
         self.csv_path, self.image_root = os.fspath(csv_path), os.fspath(image_root)
         self.label_names = tuple(label_names)
         columns, rows = _read_csv(self.csv_path, {'image': self.IMAGE_COLUMNS, 'caption': self.CAPTION_COLUMNS,
                                                   'caption_zh': self.CAPTION_ZH_COLUMNS, 'modality': ('modality', None)})
-        self._rows = []
+        self._start(on_error)
         for row, cells in rows:
-            where = f'{self.csv_path} row {row}'
-            image = cells[columns['image']].strip()
-            if not image:
-                raise DataError(f'{where}: empty image path')
-            caption = _text_cell(cells, columns['caption'])
-            if not caption:
-                raise DataError(f'{where}: empty caption (column {columns["caption"]!r})')
-            modality = _modality(cells[columns['modality']] if columns['modality'] else None, image, where)
-            self._rows.append((where, image, caption, _text_cell(cells, columns['caption_zh']), modality))
+            self._add(self._parse, f'{self.csv_path} row {row}', columns, cells)
+
+    @staticmethod
+    def _parse(where: str, columns: dict, cells) -> tuple:
+        cells = _cells(cells)
+        image = cells[columns['image']].strip()
+        if not image:
+            raise DataError(f'{where}: empty image path')
+        caption = _text_cell(cells, columns['caption'])
+        if not caption:
+            raise DataError(f'{where}: empty caption (column {columns["caption"]!r})')
+        modality = _modality(cells[columns['modality']] if columns['modality'] else None, image, where)
+        return where, image, caption, _text_cell(cells, columns['caption_zh']), modality
 
     def __repr__(self):
-        return f'CaptionCsvSource({self.csv_path!r}, {self.image_root!r}, rows={len(self._rows)})'
+        return (f'CaptionCsvSource({self.csv_path!r}, {self.image_root!r}, rows={len(self._rows)}, '
+                f'bad_rows={len(self.bad_rows)})')
 
     def __getitem__(self, index: int) -> dict:
         index = self._position(index)
@@ -388,27 +434,27 @@ class JsonlSource(_RowSource):
     and `language` ('en' default, or 'zh'), which puts `text` into report_en or report_zh.
 
     Fills: caption and report_<language> = text (the other report ''), labels, categories, modality;
-    atributes [].
+    atributes []. `on_error='skip'` drops a bad line into `self.bad_rows` instead of raising.
     """
 
     LANGUAGES = ('en', 'zh')
 
-    def __init__(self, path: str, image_root: str, label_names):
+    def __init__(self, path: str, image_root: str, label_names, on_error: str = 'raise'):
         self.path, self.image_root, self.label_names = os.fspath(path), os.fspath(image_root), tuple(label_names)
         if not os.path.isfile(self.path):
             raise DataError(f'{self.path}: JSONL file not found')
-        self._rows = []
+        self._start(on_error)
         with open(self.path, 'rb') as f:
             for number, raw in enumerate(f, start=1):
-                where = f'{self.path} line {number}'
-                try:
-                    line = raw.decode('utf-8-sig' if number == 1 else 'utf-8')
-                except UnicodeDecodeError as e:
-                    raise DataError(f'{where}: not UTF-8 text ({e})') from e
-                if line.strip():
-                    self._rows.append(self._parse(line, where))
+                self._add(self._parse, f'{self.path} line {number}', raw, number == 1)
 
-    def _parse(self, line: str, where: str) -> tuple:
+    def _parse(self, where: str, raw: bytes, first: bool) -> tuple | None:
+        try:
+            line = raw.decode('utf-8-sig' if first else 'utf-8')
+        except UnicodeDecodeError as e:
+            raise DataError(f'{where}: not UTF-8 text ({e})') from e
+        if not line.strip():
+            return None
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -436,7 +482,8 @@ class JsonlSource(_RowSource):
         return where, image.strip(), text.strip(), language, labels, lists['categories'], modality
 
     def __repr__(self):
-        return f'JsonlSource({self.path!r}, {self.image_root!r}, rows={len(self._rows)}, labels={len(self.label_names)})'
+        return (f'JsonlSource({self.path!r}, {self.image_root!r}, rows={len(self._rows)}, '
+                f'labels={len(self.label_names)}, bad_rows={len(self.bad_rows)})')
 
     def __getitem__(self, index: int) -> dict:
         index = self._position(index)
@@ -455,7 +502,8 @@ FORMATS: dict[str, type] = {
 
 def open_source(format: str, path: str, **kwargs):
     """The source of `format` (a `FORMATS` name) at `path` (CSV / JSONL file or LMDB split directory);
-    `kwargs` go to its constructor (`image_root`, `label_names`, `ood_ban`, `vocabulary`)."""
+    `kwargs` go to its constructor (`image_root`, `label_names`, `ood_ban`, `vocabulary`, and
+    `on_error` for the CSV and JSONL formats)."""
     if format not in FORMATS:
         raise ValueError(f'unknown dataset format {format!r}; allowed: {sorted(FORMATS)}')
     return FORMATS[format](path, **kwargs)
