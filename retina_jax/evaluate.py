@@ -13,7 +13,12 @@ then prints a JSON summary. For example, a few-shot curve of Tip-Adapter-F over 
       --protocol tip_adapter_f --shots_train 1,5,10 --shots_test 20% --folds 3
 
 `--task` defaults to each protocol's held-out synthetic task; `--option key=value` sets a protocol
-hyperparameter (`evals.suite.Options`, e.g. `--option finetune_epochs=5`).
+hyperparameter (`evals.suite.Options`, e.g. `--option finetune_epochs=5`). `--test_task` adds external
+test sets (FLAIR's `--experiment_test`) to the classification protocols, e.g. DeepDRiD's test set after
+adapting on its training set:
+
+  python -m retina_jax.evaluate --config configs/flair.py --workdir workdirs/flair --data_root /data/FUNDUS \
+      --protocol linear_probe --task 37_DeepDRiD_train_eval --test_task 37_DeepDRiD_test
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ PROTOCOL = flags.DEFINE_multi_string("protocol", None, "Transfer protocol(s), re
                                      "('all' = every one); default: the trainer's own evaluation.")
 TASK = flags.DEFINE_string("task", None, "Task for every protocol: a held-out synthetic task of the config or a "
                            "public task of retina_jax.evals.tasks (with --data_root); default: per protocol.")
+TEST_TASK = flags.DEFINE_list("test_task", None, "External test task(s) with --task's classes (FLAIR's "
+                              "--experiment_test), scored by each fold's adapter of the classification protocols.")
 DATA_ROOT = flags.DEFINE_string("data_root", None, "Root folder of a public task's images.")
 SHOTS_TRAIN = flags.DEFINE_list("shots_train", None, "Train shots per class, a count or a percentage; several "
                                 "(comma separated) run a few-shot curve.")
@@ -53,17 +60,26 @@ def run_suite(trainer, state) -> dict:
         suite.get_protocol(name)  # unknown names fail before any work
     out_dir = OUT.value or os.path.join(trainer.workdir, "transfer")
     tasks, features, summary = {}, {}, {}
-    for protocol in protocols:
-        name = TASK.value or suite.default_task(trainer.config, protocol)
+
+    def load(name):
         if name not in tasks:
             tasks[name] = suite.load_task(trainer.config, name, DATA_ROOT.value, options)
             features[name] = suite.TaskFeatures(trainer, state, tasks[name])
-        result = suite.run_protocol(trainer, state, protocol, tasks[name], out_dir, shots_train=SHOTS_TRAIN.value,
+        return features[name]
+
+    for protocol in protocols:
+        name = TASK.value or suite.default_task(trainer.config, protocol)
+        # External test sets belong to the classification protocols (the others run without them).
+        per_fold = suite.get_protocol(protocol).per_fold
+        externals = [load(n) for n in TEST_TASK.value or ()] if per_fold else []
+        result = suite.run_protocol(trainer, state, protocol, load(name).task, out_dir, shots_train=SHOTS_TRAIN.value,
                                     shots_test=SHOTS_TEST.value, shots_val=SHOTS_VAL.value, folds=FOLDS.value,
-                                    options=options, features=features[name])
+                                    options=options, features=load(name), externals=externals)
         entry = {"task": name, "report": result["report"]["markdown"], "seconds": round(result["seconds"], 2)}
         if "settings" in result:
-            entry["settings"] = [{"shots_train": s["shots_train"], **s["mean"]} for s in result["settings"]]
+            entry["settings"] = [{"shots_train": s["shots_train"], **s.get("mean", {}),
+                                  **{f"external/{t}": e["mean"] for t, e in s.get("external", {}).items()}}
+                                 for s in result["settings"]]
         else:
             entry["metrics"] = result["metrics"]
         summary[protocol] = entry
@@ -71,7 +87,7 @@ def run_suite(trainer, state) -> dict:
 
 
 def main(argv):
-    suite_flags = [flag for flag in (TASK, DATA_ROOT, SHOTS_TRAIN, SHOTS_TEST, SHOTS_VAL, FOLDS, OUT)
+    suite_flags = [flag for flag in (TASK, TEST_TASK, DATA_ROOT, SHOTS_TRAIN, SHOTS_TEST, SHOTS_VAL, FOLDS, OUT)
                    if flag.value is not None] + ([OPTION] if OPTION.value else [])
     if suite_flags and not PROTOCOL.value:
         raise app.UsageError(f"--{suite_flags[0].name} applies to the transfer suite: add --protocol")

@@ -295,8 +295,17 @@ def test_synthetic_tasks_and_protocol_defaults():
     config = tiny_config()
     kinds = {name: suite.load_task(config, name).kind for name in suite.synthetic_task_names(config)}
     assert kinds == {"synthetic_conditions": "classification", "synthetic_dr_grade": "classification",
-                     "synthetic_findings": "multilabel", "synthetic_reports": "retrieval",
-                     "synthetic_lesions": "segmentation"}
+                     "synthetic_conditions_external": "classification", "synthetic_findings": "multilabel",
+                     "synthetic_reports": "retrieval", "synthetic_lesions": "segmentation"}
+    # The external stand-in: the zero-shot task's classes on other images.
+    internal, external = (suite.load_task(config, n) for n in ("synthetic_conditions", "synthetic_conditions_external"))
+    assert external.classes == internal.classes and len(external.source) == len(internal.source)
+    assert external.source.record(0)["report_en"] != internal.source.record(0)["report_en"]
+    suite.check_external(internal, external)
+    with pytest.raises(ValueError, match=r"external test task 'synthetic_dr_grade' has classes"):
+        suite.check_external(internal, suite.load_task(config, "synthetic_dr_grade"))
+    with pytest.raises(ValueError, match=r"external tests apply to classification tasks"):
+        suite.check_external(internal, suite.load_task(config, "synthetic_findings"))
     assert {p: suite.default_task(config, p) for p in ("tip_adapter", "multilabel", "retrieval", "segmentation")} == {
         "tip_adapter": "synthetic_conditions", "multilabel": "synthetic_findings", "retrieval": "synthetic_reports",
         "segmentation": "synthetic_lesions"}
@@ -382,6 +391,60 @@ def test_a_users_task_file_runs_on_real_photographs(trained, tmp_path):
     with pytest.raises(ValueError, match="data root"):
         suite.load_task(trainer.config, str(task_file))
 
+    # An external test set (FLAIR's --experiment_test): each fold's fitted probe also predicts every row
+    # of another task with the same classes (here the photographs flipped upside down).
+    rows = []
+    for k, (file, category) in enumerate(classes.items()):
+        name = f"flipped_{k}.png"
+        Image.open(os.path.join(samples, file)).convert("RGB").transpose(Image.FLIP_TOP_BOTTOM).resize(
+            (64, 64)).save(tmp_path / name)
+        rows.append(f"{k},{name},[],\"['{category}']\"")
+    (tmp_path / "flipped.csv").write_text(",image,atributes,categories\n" + "\n".join(rows) + "\n")
+    external_file = tmp_path / "flipped.json"
+    external_file.write_text(json.dumps({"name": "flipped", "source": "test", "kind": "classification",
+                                         "dataframe": "flipped.csv", "classes": list(classes.values()),
+                                         "descriptions": {}, "splits": {}}))
+    external = suite.TaskFeatures(trainer, trainer.state, suite.load_task(trainer.config, str(external_file),
+                                                                          str(tmp_path)))
+    out = suite.run_protocol(trainer, trainer.state, "linear_probe", task, str(tmp_path / "out"), features=features,
+                             externals=[external])
+    setting = out["settings"][0]
+    assert [f["num_test"] for f in setting["folds"]] == [6, 6]  # the internal test split is unchanged
+    flipped = setting["external"]["flipped"]
+    for k, fold in enumerate(flipped["folds"]):
+        split = splits.fold_splits(features.labels, 2, "2", "2")[k]
+        clf = adapters.fit_linear_probe(features.features[split.train], features.labels[split.train])
+        want = classification_metrics(external.labels,
+                                      adapters.linear_probe_probs(clf, external.features, len(task.classes)))
+        assert fold["num_test"] == 3 and fold["num_train"] == 6
+        assert all(fold[m] == pytest.approx(want[m]) for m in ("aca", "kappa", "f1", "auc"))
+    assert flipped["mean"]["aca"] == pytest.approx(np.mean([f["aca"] for f in flipped["folds"]]))
+    markdown = open(tmp_path / "out" / "photos" / "linear_probe.md").read()
+    assert "## External test flipped" in markdown
+    # Only the external rows: an empty internal test split is then allowed.
+    only = suite.run_protocol(trainer, trainer.state, "zero_shot", task, str(tmp_path / "out"), features=features,
+                              shots_test="0", externals=[external])
+    assert only["settings"][0]["folds"] == [] and only["settings"][0]["external"]["flipped"]["folds"][0]["num_test"] == 3
+    with pytest.raises(ValueError, match="empty test split"):
+        suite.run_protocol(trainer, trainer.state, "zero_shot", task, str(tmp_path / "out"), features=features,
+                           shots_test="0")
+
+    # name_prompt false (FLAIR's MMAC grades): the class names are no prompt, only the descriptions.
+    descriptions = {c: [f"a fundus photograph with {c} signs"] for c in classes.values()}
+    for name_prompt in (True, False):
+        task_file.write_text(json.dumps({
+            "name": "photos", "source": "test", "kind": "classification", "dataframe": "photos.csv",
+            "classes": list(classes.values()), "descriptions": descriptions, "name_prompt": name_prompt,
+            "splits": {}}))
+        prompted = suite.load_task(trainer.config, str(task_file), str(tmp_path))
+        assert prompted.name_prompt is name_prompt
+        got = suite.TaskFeatures(trainer, trainer.state, prompted).prototypes
+        templates = trainer.config.eval.zero_shot.templates
+        texts = [([c] if name_prompt else []) + descriptions[c] for c in classes.values()]
+        want = np.stack([features.text_embeddings([t.format(x) for t in templates for x in group]).mean(axis=0)
+                         for group in texts])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
 
 def test_cli_runs_every_protocol_and_writes_its_report(trained, tmp_path):
     _, _, workdir = trained
@@ -391,7 +454,7 @@ def test_cli_runs_every_protocol_and_writes_its_report(trained, tmp_path):
                "segmentation_batch_size=8"]
     cmd = [sys.executable, "-m", "retina_jax.evaluate", f"--config={DEMO}", f"--workdir={workdir}",
            *cli_flags(**HELDOUT, **RUN), "--protocol=all", "--shots_train=2,4", "--shots_test=4", "--shots_val=2",
-           "--folds=2", f"--out={out}", *[f"--option={o}" for o in options]]
+           "--folds=2", "--test_task=synthetic_conditions_external", f"--out={out}", *[f"--option={o}" for o in options]]
     # The subprocess shares this session's compilation cache: its Trainer's jits are the fixture's.
     env = {**subprocess_env(), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -408,6 +471,11 @@ def test_cli_runs_every_protocol_and_writes_its_report(trained, tmp_path):
             assert [s["shots_train"] for s in result["settings"]] == ["2", "4"]
             assert all(len(s["folds"]) == 2 and s["folds"][0]["num_test"] == 4 * 6 for s in result["settings"])
             assert all(np.isfinite(s["mean"]["aca"]) for s in result["settings"])
+            # Every classification protocol also scored the external test task, all 96 rows per fold.
+            external = [s["external"]["synthetic_conditions_external"] for s in result["settings"]]
+            assert all(len(e["folds"]) == 2 and e["folds"][0]["num_test"] == 96 for e in external)
+            assert "## External test synthetic_conditions_external" in markdown
+            assert "external/synthetic_conditions_external" in entry["settings"][0]
             for plot in ("confusion", "roc", "few_shot"):
                 assert os.path.isfile(os.path.join(folder, f"{protocol}_{plot}.png"))
                 assert f"]({protocol}_{plot}.png)" in markdown

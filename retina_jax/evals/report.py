@@ -102,17 +102,29 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     return lines
 
 
-def _classification_markdown(result: dict, images: dict[str, str]) -> list[str]:
-    lines = ["## Test metrics (mean ± std over folds)", ""]
+def _fold_tables(settings: Sequence[dict], title: str) -> list[str]:
+    """Mean ± std per shots setting, then every fold, of `settings` entries that have folds."""
+    settings = [s for s in settings if s["folds"]]
+    if not settings:
+        return []
+    lines = [f"## {title} (mean ± std over folds)", ""]
     rows = [[s["shots_train"], s["shots_val"], s["shots_test"], len(s["folds"])]
-            + [f"{s['mean'][m]:.4f} ± {s['std'][m]:.4f}" for m in CLASSIFICATION_METRICS] for s in result["settings"]]
+            + [f"{s['mean'][m]:.4f} ± {s['std'][m]:.4f}" for m in CLASSIFICATION_METRICS] for s in settings]
     lines += _table(["shots_train", "shots_val", "shots_test", "folds", *CLASSIFICATION_METRICS], rows)
-    lines += ["", "## Per fold", ""]
-    extra = sorted({k for s in result["settings"] for f in s["folds"] for k in f}
-                   - {"fold", "seed", *CLASSIFICATION_METRICS})
+    lines += ["", f"### {title}: per fold", ""]
+    extra = sorted({k for s in settings for f in s["folds"] for k in f} - {"fold", "seed", *CLASSIFICATION_METRICS})
     rows = [[s["shots_train"], f["fold"], f["seed"]] + [f[m] for m in CLASSIFICATION_METRICS]
-            + [f.get(k, "") for k in extra] for s in result["settings"] for f in s["folds"]]
+            + [f.get(k, "") for k in extra] for s in settings for f in s["folds"]]
     lines += _table(["shots_train", "fold", "seed", *CLASSIFICATION_METRICS, *extra], rows)
+    return lines + [""]
+
+
+def _classification_markdown(result: dict, images: dict[str, str]) -> list[str]:
+    lines = _fold_tables(result["settings"], "Test metrics")
+    # External test tasks (FLAIR's --experiment_test): the same folds' adapters on another task's rows.
+    for name in dict.fromkeys(n for s in result["settings"] for n in s.get("external", {})):
+        external = [{**s, **s["external"][name], "shots_test": "all"} for s in result["settings"]]
+        lines += _fold_tables(external, f"External test {name}")
     captions = {"confusion": "Confusion matrix", "roc": "ROC curves (one vs rest)", "few_shot": "Few-shot curves"}
     for key, caption in captions.items():
         if key in images:
@@ -147,7 +159,7 @@ def write_report(out_dir: str, result: dict, predictions: dict | None = None) ->
                            result["classes"], title)
             plot_roc(os.path.join(out_dir, images["roc"]), predictions["labels"], predictions["probs"],
                      result["classes"], title)
-        if len(result["settings"]) > 1:
+        if len(result["settings"]) > 1 and all(s["folds"] for s in result["settings"]):
             images["few_shot"] = f"{protocol}_few_shot.png"
             plot_few_shot(os.path.join(out_dir, images["few_shot"]), result["settings"], title)
     paths.update({k: os.path.join(out_dir, v) for k, v in images.items()})

@@ -10,12 +10,20 @@ held-out synthetic task one in `SYNTHETIC_TASKS` and `DEFAULT_TASKS`):
 - `retrieval`: image <-> report recall@1/5/10 (`retrieval.py`).
 
 Tasks (`load_task`): the held-out synthetic ones, `config.eval.zero_shot.name` (single-label
-conditions, the default of every classification protocol), `synthetic_dr_grade` (the DR grade of the
+conditions, the default of every classification protocol), `synthetic_conditions_external` (the same
+classes on another held-out draw, an external test set), `synthetic_dr_grade` (the DR grade of the
 same images), `synthetic_findings` (the multi-label findings of `pipeline.multilabel_source`: its
 fixed train and test corpora) and `synthetic_reports` (`retrieval_size` image-report pairs of a
 held-out seed, the report in the run's language), or a public task of `retina_jax.evals.tasks` (a
-FLAIR-format dataframe) read from a data root. Testing on other tasks (a task file's
-`experiment_test`, FLAIR's external test sets) is not supported: such a setting is an error.
+FLAIR-format dataframe) read from a data root.
+
+External test sets (FLAIR's `--experiment_test`, `main_transferability.py`): the classification
+protocols also score other tasks with the same classes (`externals`; CLI `--test_task`), e.g.
+DeepDRiD's or MMAC's test sets after adapting on their training sets. As in FLAIR, each fold's fitted
+adapter predicts every row of each external task, and the external metrics are averaged over folds;
+the internal test split may then be empty (`shots_test 0`). Here one fit per fold predicts the
+internal and the external rows together (`_WithExternals`). A task file's own
+`splits.<protocol>.experiment_test` is not read: external tests are named by the caller.
 
 Split defaults per protocol (a task's `splits` and the caller override them), `evals/tasks.py`'s:
 zero-shot 0 train / 100% test, 1 fold and the linear probe 80% / 20%, 5 folds (FLAIR's README); the
@@ -53,6 +61,8 @@ FINDINGS_TASK = "synthetic_findings"
 REPORTS_TASK = "synthetic_reports"
 SEGMENTATION_TASK = "synthetic_lesions"
 RETRIEVAL_SEED = 40_009  # the held-out image-report pairs; never a training seed (checked)
+EXTERNAL_TASK = "synthetic_conditions_external"
+EXTERNAL_SEED = 50_021  # its images: a second held-out draw of the zero-shot conditions (checked as above)
 SPLIT_KEYS = ("shots_train", "shots_val", "shots_test", "folds", "balance")
 
 
@@ -115,6 +125,7 @@ class TaskData:
     label: Callable[[dict], object]  # example -> class id [] or multi-hot [C] (retrieval: its index)
     classes: tuple[str, ...] = ()
     descriptions: dict | None = None  # zero-shot texts per class (a task file's); None: the built-in dictionary
+    name_prompt: bool = True  # False: the class names are no zero-shot prompt (a task file's `name_prompt`)
     text: Callable[[dict], str] | None = None  # retrieval: example -> its paired text
     splits: dict = dataclasses.field(default_factory=dict)  # protocol -> split defaults (evals/tasks.py format)
     fixed_split: splits.Split | None = None  # a multi-label task with given train/test parts
@@ -182,6 +193,18 @@ def _findings_task(config, options: Options) -> TaskData:
                     tuple(knowledge.FINDINGS), fixed_split=fixed)
 
 
+def _external_conditions_task(config, options: Options) -> TaskData:
+    # The zero-shot task's classes on another held-out draw: the synthetic stand-in for an external
+    # test set (FLAIR's --experiment_test) of the classification protocols.
+    if EXTERNAL_SEED in (config.data.synthetic.seed, config.data.expert.seed, config.eval.zero_shot.seed):
+        raise ValueError(f"{EXTERNAL_TASK}: its seed {EXTERNAL_SEED} is a corpus seed of this config")
+    z = config.eval.zero_shot
+    classes = tuple(z.classes)
+    source = SyntheticFundus(dataclasses.replace(pipeline.heldout_source(config).spec, seed=EXTERNAL_SEED))
+    return TaskData(EXTERNAL_TASK, "classification", source,
+                    lambda example: classes.index(example["conditions"][0]), classes)
+
+
 def _reports_task(config, options: Options) -> TaskData:
     s, z = config.data.synthetic, config.eval.zero_shot
     if RETRIEVAL_SEED in (s.seed, config.data.expert.seed):
@@ -208,8 +231,8 @@ def _segmentation_task(config, options: Options) -> TaskData:
 # The held-out synthetic tasks by name (besides the config's own zero-shot task, named by
 # `config.eval.zero_shot.name`), and the one each kind of protocol runs on by default.
 SYNTHETIC_TASKS: dict[str, Callable[..., TaskData]] = {
-    DR_GRADE_TASK: _dr_grade_task, FINDINGS_TASK: _findings_task, REPORTS_TASK: _reports_task,
-    SEGMENTATION_TASK: _segmentation_task}
+    DR_GRADE_TASK: _dr_grade_task, EXTERNAL_TASK: _external_conditions_task, FINDINGS_TASK: _findings_task,
+    REPORTS_TASK: _reports_task, SEGMENTATION_TASK: _segmentation_task}
 DEFAULT_TASKS = {"multilabel": FINDINGS_TASK, "retrieval": REPORTS_TASK, "segmentation": SEGMENTATION_TASK}
 
 
@@ -235,11 +258,25 @@ def load_task(config, name: str, data_root: str | None = None, options: Options 
         data = TaskData(registered.name, registered.kind, _Rows(tasks.task_dataset(registered, data_root)),
                         lambda example: example["label"], registered.classes)
     descriptions = registered.descriptions if config.eval.zero_shot.language == "en" else registered.descriptions_zh
-    return dataclasses.replace(data, descriptions=descriptions or None, splits=registered.splits)
+    return dataclasses.replace(data, descriptions=descriptions or None, splits=registered.splits,
+                               name_prompt=registered.name_prompt)
 
 
 # FLAIR's pretraining augmentation (kornia `augmentations_pretraining`): the config defaults, whatever
 # recipe the evaluated run trained with.
+def check_external(task: TaskData, external: TaskData) -> None:
+    """An external test task must be a classification task with `task`'s classes in the same order (FLAIR
+    labels the external rows with the adapted task's targets)."""
+    if external.kind != "classification" or task.kind != "classification":
+        raise ValueError(f"external test task {external.name!r}: external tests apply to classification tasks "
+                         f"({task.name!r} is {task.kind}, {external.name!r} is {external.kind})")
+    if external.classes != task.classes:
+        raise ValueError(f"external test task {external.name!r} has classes {list(external.classes)}, but "
+                         f"{task.name!r} has {list(task.classes)}: an adapter predicts its own classes only")
+    if external.name == task.name:
+        raise ValueError(f"external test task {external.name!r} is the task itself")
+
+
 def _flair_augment_recipe() -> types.SimpleNamespace:
     from configs import common
     return types.SimpleNamespace(**common.get_config().data.augment.to_dict())
@@ -307,7 +344,8 @@ class TaskFeatures:
         # A task file lists every class, possibly without descriptions (then prompted by its name alone).
         return zeroshot.class_prototypes(encode, self.trainer.tokenize, list(self.task.classes), z.templates,
                                          self.task.descriptions, language=z.language,
-                                         require_descriptions=self.task.descriptions is None)
+                                         require_descriptions=self.task.descriptions is None,
+                                         name_prompt=self.task.name_prompt)
 
     @property
     def scale(self) -> float:
@@ -326,6 +364,26 @@ class TaskFeatures:
             ids, mask = self.trainer.tokenize(chunk + [chunk[-1]] * (size - len(chunk)))
             out.append(np.asarray(self.trainer.encode_text(self.variables, ids, mask))[:len(chunk)])
         return np.concatenate(out)
+
+
+class _WithExternals:
+    """A task's features followed row-wise by those of its external test tasks, so that a protocol's
+    one fit per fold also predicts the external rows (`offsets[i]`: where external i's rows start).
+    Everything else (task, prototypes, scale, the model) is the task's own."""
+    _ROWS = ("labels", "zimg", "features", "images", "zimg_augmented")
+
+    def __init__(self, base: TaskFeatures, externals: Sequence[TaskFeatures]):
+        self._parts = (base, *externals)
+        self._base = base
+        sizes = [len(f.task.source) for f in self._parts]
+        self.offsets = np.cumsum(sizes)[:-1]
+
+    def __getattr__(self, name):
+        if name in self._ROWS:
+            value = np.concatenate([getattr(f, name) for f in self._parts])
+            setattr(self, name, value)  # computed once per representation
+            return value
+        return getattr(self._base, name)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -477,8 +535,8 @@ def split_settings(protocol: str, task: TaskData, shots_train: Sequence[str] | s
     task_settings = task.splits.get(protocol, {})
     external = [k for k in ("experiment_val", "experiment_test") if task_settings.get(k)]
     if external:
-        raise ValueError(f"task {task.name!r}: splits.{protocol}.{external[0]} (validating or testing on other tasks) "
-                         "is not supported by the suite")
+        raise ValueError(f"task {task.name!r}: splits.{protocol}.{external[0]} is not read from a task file; name "
+                         "the external test tasks instead (run_protocol externals=, --test_task)")
     settings.update({k: task_settings[k] for k in SPLIT_KEYS if k in task_settings})
     given = {"shots_test": shots_test, "shots_val": shots_val, "folds": folds}
     settings.update({k: v for k, v in given.items() if v is not None})
@@ -497,39 +555,61 @@ def split_settings(protocol: str, task: TaskData, shots_train: Sequence[str] | s
     return out
 
 
-def _run_folds(protocol: Protocol, ctx: TaskFeatures, settings: list[dict], options: Options):
+def _run_folds(protocol: Protocol, ctx: TaskFeatures, settings: list[dict], options: Options,
+               externals: Sequence[TaskFeatures] = ()):
     task, results, plotted = ctx.task, [], None
     num_classes = len(task.classes)
+    joined = _WithExternals(ctx, externals) if externals else ctx
+    external_rows = [np.arange(len(f.task.source)) + offset for f, offset in
+                     zip(externals, joined.offsets if externals else ())]
     for s in settings:
         fold_list = splits.fold_splits(ctx.labels, s["folds"], s["shots_train"], s["shots_test"], s["shots_val"],
                                        task.classes, balance=s["balance"])
-        folds = []
+        folds, outside = [], {f.task.name: [] for f in externals}
         for k, split in enumerate(fold_list):
-            if not len(split.test):
+            if not len(split.test) and not externals:
                 raise ValueError(f"task {task.name!r}: empty test split for shots_test={s['shots_test']}")
-            probs, extra = protocol.run(ctx, split, options)
-            if probs.shape != (len(split.test), num_classes):
-                raise ValueError(f"protocol returned probabilities {probs.shape}, expected ({len(split.test)}, "
+            # One fit predicts the internal test rows, then every external task's rows.
+            test = np.concatenate([split.test, *external_rows]).astype(np.int64)
+            probs, extra = protocol.run(joined, dataclasses.replace(split, test=test), options)
+            if probs.shape != (len(test), num_classes):
+                raise ValueError(f"protocol returned probabilities {probs.shape}, expected ({len(test)}, "
                                  f"{num_classes})")
-            labels = ctx.labels[split.test]
-            folds.append({"fold": k, "seed": split.seed, "num_train": len(split.train), "num_val": len(split.val),
-                          "num_test": len(split.test), **classification_metrics(labels, probs), **extra})
-            logging.info("fold %d (shots_train=%s): %s", k, s["shots_train"],
-                         " ".join(f"{m}={folds[-1][m]:.4f}" for m in report.CLASSIFICATION_METRICS))
-            if k == 0:
-                plotted = ({"labels": labels, "probs": probs}, f"fold 0 of shots_train={s['shots_train']}")
-        results.append({**s, "folds": folds, **splits.fold_summary(folds)})
+            base = {"fold": k, "seed": split.seed, "num_train": len(split.train), "num_val": len(split.val)}
+            parts = np.split(np.arange(len(test)), np.cumsum([len(split.test), *map(len, external_rows)])[:-1])
+            for name, rows in [(None, parts[0]), *zip([f.task.name for f in externals], parts[1:])]:
+                if not len(rows):
+                    continue  # no internal test split: the external tasks only
+                labels = joined.labels[test[rows]]
+                fold = {**base, "num_test": len(rows), **classification_metrics(labels, probs[rows]), **extra}
+                (folds if name is None else outside[name]).append(fold)
+                logging.info("fold %d (shots_train=%s)%s: %s", k, s["shots_train"],
+                             "" if name is None else f" external {name}", _metrics_line(fold))
+                if plotted is None:
+                    plotted = ({"labels": labels, "probs": probs[rows]},
+                               f"fold 0 of shots_train={s['shots_train']}" + ("" if name is None else f" on {name}"))
+        entry = {**s, "folds": folds, **(splits.fold_summary(folds) if folds else {})}
+        if externals:
+            entry["external"] = {name: {"folds": f, **splits.fold_summary(f)} for name, f in outside.items()}
+        results.append(entry)
     return results, plotted
+
+
+def _metrics_line(metrics: dict) -> str:
+    return " ".join(f"{m}={metrics[m]:.4f}" for m in report.CLASSIFICATION_METRICS)
 
 
 def run_protocol(trainer, state, protocol: str, task: TaskData, out_dir: str, *,
                  shots_train: Sequence[str] | str | None = None, shots_test: str | None = None,
                  shots_val: str | None = None, folds: int | None = None, options: Options = Options(),
-                 features: TaskFeatures | None = None) -> dict:
+                 features: TaskFeatures | None = None, externals: Sequence[TaskData | TaskFeatures] = ()) -> dict:
     """Run `protocol` on `task` with the checkpoint `state` of `trainer`'s model; writes
     `<out_dir>/<task>/<protocol>.json`, `.md` and plots, and returns the result (with `report`: the paths).
 
-    `features` shares the model's outputs on `task` between protocols (built here when None).
+    `features` shares the model's outputs on `task` between protocols (built here when None);
+    `externals` are external test tasks (or their features), scored per fold by the adapted model
+    (module docstring): each settings entry of the result then has `external[name]` with its folds,
+    mean and std.
     """
     spec = get_protocol(protocol)
     if task.kind != spec.kind:
@@ -537,6 +617,12 @@ def run_protocol(trainer, state, protocol: str, task: TaskData, out_dir: str, *,
     ctx = features if features is not None else TaskFeatures(trainer, state, task)
     if ctx.task is not task:
         raise ValueError(f"features were computed for task {ctx.task.name!r}, not {task.name!r}")
+    externals = [e if isinstance(e, TaskFeatures) else TaskFeatures(trainer, state, e) for e in externals]
+    for e in externals:
+        check_external(task, e.task)
+    if externals and not spec.per_fold:
+        raise ValueError(f"protocol {protocol!r}: external test tasks apply to the per-fold classification "
+                         "protocols")
     settings = split_settings(protocol, task, shots_train, shots_test, shots_val, folds)
     t0 = time.time()
     result = {"task": task.name, "protocol": protocol, "kind": task.kind, "checkpoint": trainer.workdir,
@@ -544,7 +630,7 @@ def run_protocol(trainer, state, protocol: str, task: TaskData, out_dir: str, *,
               "options": {k: getattr(options, k) for k in spec.options}}
     predictions = None
     if spec.per_fold:
-        result["settings"], plotted = _run_folds(spec, ctx, settings, options)
+        result["settings"], plotted = _run_folds(spec, ctx, settings, options, externals)
         if plotted is not None:
             predictions, result["plotted"] = plotted
     else:

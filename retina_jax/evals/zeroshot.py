@@ -17,11 +17,14 @@ LANGUAGES = ("en", "zh")
 
 
 def class_prompts(classes, templates, descriptions=None, *, require_descriptions: bool = True,
-                  language: str = "en") -> list[list[str]]:
+                  language: str = "en", name_prompt: bool = True) -> list[list[str]]:
     """Per class, every template (a str or a sequence of them) filled with each of its texts.
 
     With `require_descriptions=False` a class missing from the dictionary is prompted by its name only
     (the predictor's free-form classes); otherwise it is an error, as in the evaluation tasks.
+    `name_prompt=False` leaves the class name out (English) or the Chinese name that starts the
+    Chinese entry: FLAIR's MMAC grades, whose names "are not informative", are prompted by their
+    descriptions alone; a class then left without a text is an error.
     """
     if language not in LANGUAGES:
         raise ValueError(f"zero-shot language {language!r} not in {LANGUAGES}")
@@ -35,16 +38,20 @@ def class_prompts(classes, templates, descriptions=None, *, require_descriptions
         # The Chinese dictionary starts with the class's Chinese name, which replaces the English one.
         texts = list(descriptions[name]) if language == "zh" and name in descriptions else \
             [name] + list(descriptions.get(name, ()))
+        if not name_prompt:
+            texts = texts[1:]
+            if not texts:
+                raise ValueError(f"zero-shot class {name!r}: name_prompt is false and it has no {language} description")
         prompts.append([t.format(d) for t in templates for d in texts])
     return prompts
 
 
 def class_prototypes(encode_text, tokenize, classes, templates, descriptions=None, *,
-                     require_descriptions: bool = True, language: str = "en") -> np.ndarray:
+                     require_descriptions: bool = True, language: str = "en", name_prompt: bool = True) -> np.ndarray:
     """[C, D] prototypes; `encode_text(ids, mask) -> [N, D]` normalised embeddings."""
     protos = []
     for prompts in class_prompts(classes, templates, descriptions, require_descriptions=require_descriptions,
-                                 language=language):
+                                 language=language, name_prompt=name_prompt):
         ids, mask = tokenize(prompts)
         protos.append(np.asarray(encode_text(ids, mask)).mean(axis=0))
     return np.stack(protos)
