@@ -277,6 +277,25 @@ def test_report_writes_markdown_and_the_plots_it_references(tmp_path):
     assert json.load(open(paths["json"]))["settings"][1]["shots_train"] == "5"
 
 
+def test_report_plots_multilabel_auc_and_retrieval_recall(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = (rng.random((40, 4)) < 0.4).astype(np.uint8)
+    labels[:, 3] = 0  # a class with no positive gets no bar (and no crash)
+    scores = {"linear_probe": rng.random((40, 4)), "finetune": labels + 0.1 * rng.random((40, 4))}
+    result = {"task": "t", "protocol": "multilabel", "kind": "multilabel", "classes": ["a", "b", "c", "d"],
+              "metrics": {"linear_probe": {"macro_auc": 0.5}, "finetune": {"macro_auc": 1.0}}}
+    paths = report.write_report(str(tmp_path), result, {"labels": labels, "scores": scores})
+    assert open(paths["per_class_auc"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "](multilabel_per_class_auc.png)" in open(paths["markdown"]).read()
+    z = _unit(rng.normal(size=(12, 8)))
+    ranks = retrieval.retrieval_ranks(z, z[::-1], [str(i) for i in range(12)])
+    assert retrieval.recall_summary(ranks) == retrieval.retrieval_metrics(z, z[::-1], [str(i) for i in range(12)])
+    result = {"task": "t", "protocol": "retrieval", "kind": "retrieval", "metrics": {"recall": {"i2t_r1": 0.0}}}
+    paths = report.write_report(str(tmp_path), result, {"ranks": ranks})
+    assert open(paths["recall"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "](retrieval_recall.png)" in open(paths["markdown"]).read()
+
+
 # -------------------------------------------------------------------------- suite and the CLI
 def test_split_settings_layering():
     task = suite.TaskData("t", "classification", None, int, ("a", "b"),
@@ -479,6 +498,10 @@ def test_cli_runs_every_protocol_and_writes_its_report(trained, tmp_path):
             for plot in ("confusion", "roc", "few_shot"):
                 assert os.path.isfile(os.path.join(folder, f"{protocol}_{plot}.png"))
                 assert f"]({protocol}_{plot}.png)" in markdown
+    for protocol, plot in (("multilabel", "per_class_auc"), ("retrieval", "recall")):
+        folder = os.path.join(out, summary[protocol]["task"])
+        assert os.path.isfile(os.path.join(folder, f"{protocol}_{plot}.png"))
+        assert f"]({protocol}_{plot}.png)" in open(os.path.join(folder, f"{protocol}.md")).read()
     assert summary["multilabel"]["task"] == "synthetic_findings"
     assert np.isfinite(summary["multilabel"]["metrics"]["linear_probe"]["macro_auc"])
     assert summary["retrieval"]["metrics"]["recall"]["num_pairs"] == 24

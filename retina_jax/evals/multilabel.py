@@ -48,8 +48,9 @@ def _head(key, feature_dim: int, train_y: np.ndarray) -> dict:
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, l2: float = 1e-4, steps: int = 500, lr: float = 1e-2,
-                 seed: int = 0) -> dict:
-    """Full-batch Adam on BCE + l2 * mean_c ||w_c||^2 over frozen, train-standardised features."""
+                 seed: int = 0, scores_out: dict | None = None) -> dict:
+    """Full-batch Adam on BCE + l2 * mean_c ||w_c||^2 over frozen, train-standardised features.
+    `scores_out`, when given, receives the test scores [N, C] under 'scores' (for the report's plots)."""
     _check_pair("train", train_x, train_y)
     _check_pair("test", test_x, test_y)
     train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
@@ -79,15 +80,19 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2: float = 1e-4, steps: i
     params, loss = fit(_head(jax.random.PRNGKey(seed), x.shape[1], train_y))
     logging.info("linear probe: %d steps, final train BCE %.4f", steps, float(loss))
     logits = jnp.asarray((test_x - mean) / std) @ params["w"] + params["b"]
-    return {**multilabel_metrics(test_y, np.asarray(jax.nn.sigmoid(logits))), "train_loss": float(loss)}
+    scores = np.asarray(jax.nn.sigmoid(logits))
+    if scores_out is not None:
+        scores_out["scores"] = scores
+    return {**multilabel_metrics(test_y, scores), "train_loss": float(loss)}
 
 
 def finetune(apply_features: Callable, variables, train_images, train_y, test_images, test_y, *,
              feature_dim: int, steps: int = 200, batch_size: int = 32, lr: float = 1e-5,
-             weight_decay: float = 1e-3, seed: int = 0) -> dict:
+             weight_decay: float = 1e-3, seed: int = 0, scores_out: dict | None = None) -> dict:
     """Fine-tunes the image tower and a sigmoid head with BCE (AdamW) on a copy of `variables`.
 
-    `apply_features(variables, images, train) -> ([B, F] features, new batch_stats or None)`.
+    `apply_features(variables, images, train) -> ([B, F] features, new batch_stats or None)`;
+    `scores_out` as for `linear_probe`.
     """
     _check_pair("train", train_images, train_y)
     _check_pair("test", test_images, test_y)
@@ -132,5 +137,7 @@ def finetune(apply_features: Callable, variables, train_images, train_y, test_im
     predict = jax.jit(lambda params, stats, images: jax.nn.sigmoid(logits_fn(params, stats, images, False)[0]))
     scores = np.concatenate([np.asarray(predict(params, stats, jnp.asarray(test_images[i:i + batch_size])))
                              for i in range(0, len(test_images), batch_size)])
+    if scores_out is not None:
+        scores_out["scores"] = scores
     return {**multilabel_metrics(test_y, scores), "train_loss_first": float(losses[:window].mean()),
             "train_loss_last": float(losses[-window:].mean())}

@@ -3,7 +3,8 @@ task's output folder (METHODS.md section 1's metrics ACA, kappa, macro F1, AUC; 
 
 Plots (matplotlib's Agg canvas, no pyplot state): the row-normalised confusion matrix and the
 one-vs-rest ROC curves of one fold's test predictions, and, when a protocol ran at several
-`shots_train` settings, the few-shot curves of the fold-mean metrics against the shots.
+`shots_train` settings, the few-shot curves of the fold-mean metrics against the shots; the
+multi-label heads' per-class AUC; retrieval's recall@k curves in both directions.
 """
 from __future__ import annotations
 
@@ -90,6 +91,53 @@ def plot_few_shot(path: str, settings: Sequence[dict], title: str,
     fig.savefig(path)
 
 
+def plot_per_class_auc(path: str, labels, scores: dict[str, np.ndarray], classes: Sequence[str], title: str) -> None:
+    """Multi-label heads: per-class ROC AUC, one bar per head (`scores`: head -> [N, C]); a class
+    without both positives and negatives in `labels` has no bar."""
+    labels = np.asarray(labels)
+    fig = _figure(7, 1.5 + 0.3 * len(classes) * max(1, len(scores)) / 2)
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(scores))
+    y = np.arange(len(classes))
+    for h, (head, s) in enumerate(scores.items()):
+        s = np.asarray(s)
+        aucs = [skm.roc_auc_score(labels[:, c], s[:, c]) if 0 < labels[:, c].sum() < len(labels) else np.nan
+                for c in range(len(classes))]
+        ax.barh(y + h * height, aucs, height=height, label=f"{head} (macro {np.nanmean(aucs):.3f})")
+    ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(y + height * (len(scores) - 1) / 2, classes, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("ROC AUC on the test split")
+    # Below the axes: inside, it would cover the bars of the last classes.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=max(1, len(scores)))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+
+
+def plot_recall_curve(path: str, ranks: dict[str, np.ndarray], title: str) -> None:
+    """Retrieval: recall@k against k (1 .. the number of items) per direction, from first-hit ranks."""
+    names = {"i2t": "image → text", "t2i": "text → image"}
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    for direction, rank in ranks.items():
+        rank = np.asarray(rank)
+        k = np.arange(1, len(rank) + 1)
+        ax.plot(k, [(rank < kk).mean() for kk in k], label=names.get(direction, direction))
+    n = len(next(iter(ranks.values())))
+    k = np.arange(1, n + 1)
+    ax.plot(k, k / n, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.01)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
@@ -141,9 +189,10 @@ def _flat_markdown(title: str, values: dict) -> list[str]:
 def write_report(out_dir: str, result: dict, predictions: dict | None = None) -> dict[str, str]:
     """Write `<protocol>.json`, `<protocol>.md` and its plots into `out_dir`; returns their paths.
 
-    `result` is the JSON-able protocol result (`kind` 'classification', 'multilabel' or
-    'retrieval'); `predictions` ({'labels' [N], 'probs' [N, C]}) are the test predictions plotted
-    for a classification protocol.
+    `result` is the JSON-able protocol result (`kind` 'classification', 'multilabel', 'retrieval' or
+    'segmentation'); `predictions` are what is plotted: classification {'labels' [N], 'probs' [N, C]}
+    (confusion matrix, ROC curves), multilabel {'labels' [N, C], 'scores': {head: [N, C]}} (per-class
+    AUC), retrieval {'ranks': {'i2t', 't2i': first-hit ranks [N]}} (recall@k curves).
     """
     os.makedirs(out_dir, exist_ok=True)
     protocol, kind = result["protocol"], result["kind"]
@@ -162,6 +211,13 @@ def write_report(out_dir: str, result: dict, predictions: dict | None = None) ->
         if len(result["settings"]) > 1 and all(s["folds"] for s in result["settings"]):
             images["few_shot"] = f"{protocol}_few_shot.png"
             plot_few_shot(os.path.join(out_dir, images["few_shot"]), result["settings"], title)
+    elif kind == "multilabel" and predictions is not None:
+        images["per_class_auc"] = f"{protocol}_per_class_auc.png"
+        plot_per_class_auc(os.path.join(out_dir, images["per_class_auc"]), predictions["labels"],
+                           predictions["scores"], result["classes"], title)
+    elif kind == "retrieval" and predictions is not None:
+        images["recall"] = f"{protocol}_recall.png"
+        plot_recall_curve(os.path.join(out_dir, images["recall"]), predictions["ranks"], title)
     paths.update({k: os.path.join(out_dir, v) for k, v in images.items()})
 
     lines = [f"# {protocol}: {result['task']}", ""]
@@ -179,6 +235,10 @@ def write_report(out_dir: str, result: dict, predictions: dict | None = None) ->
     else:
         for name, values in result["metrics"].items():
             lines += _flat_markdown(name, values) + [""]
+        captions = {"per_class_auc": "Per-class ROC AUC", "recall": "Recall@k"}
+        for key, caption in captions.items():
+            if key in images:
+                lines += [f"## {caption}", "", f"![{caption}]({images[key]})", ""]
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     return paths

@@ -17,17 +17,22 @@ import numpy as np
 RECALL_KS = (1, 5, 10)
 
 
-def recall_at_k(scores, positives, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
-    """Fraction of queries (rows of `scores` [Q, N]) with a correct item (`positives` [Q, N] bool)
-    ranked within the top k, ties counted against the query (module docstring)."""
+def first_hit_ranks(scores, positives) -> np.ndarray:
+    """[Q] 0-based rank of each query's best correct item: the wrong items scoring at least as high
+    (ties counted against the query, module docstring). A query hits at k when its rank is < k."""
     scores, positives = np.asarray(scores, np.float64), np.asarray(positives, bool)
     if scores.ndim != 2 or scores.shape != positives.shape:
         raise ValueError(f"scores and positives must both be [Q, N], got {scores.shape} and {positives.shape}")
     if not positives.any(axis=1).all():
         raise ValueError(f"query rows {np.flatnonzero(~positives.any(axis=1))[:10].tolist()} have no correct item")
-    # The best-scoring correct item of each query, and the wrong items scoring at least as high.
     best = np.where(positives, scores, -np.inf).max(axis=1, keepdims=True)  # [Q, 1]
-    rank = np.sum((scores >= best) & ~positives, axis=1)  # [Q]
+    return np.sum((scores >= best) & ~positives, axis=1)  # [Q]
+
+
+def recall_at_k(scores, positives, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
+    """Fraction of queries (rows of `scores` [Q, N]) with a correct item (`positives` [Q, N] bool)
+    ranked within the top k, ties counted against the query (module docstring)."""
+    rank = first_hit_ranks(scores, positives)
     return {k: float(np.mean(rank < k)) for k in ks}
 
 
@@ -37,17 +42,27 @@ def pair_positives(texts: Sequence[str]) -> np.ndarray:
     return texts[:, None] == texts[None, :]
 
 
-def retrieval_metrics(zimg, ztxt, texts: Sequence[str], ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
-    """Recall@k both ways for N paired normalised embeddings `zimg`, `ztxt` [N, D] and their texts."""
+def retrieval_ranks(zimg, ztxt, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """{'i2t', 't2i'}: every query's first-hit rank (`first_hit_ranks`) for N paired normalised
+    embeddings `zimg`, `ztxt` [N, D] and their texts."""
     zimg, ztxt = np.asarray(zimg, np.float64), np.asarray(ztxt, np.float64)
     if zimg.ndim != 2 or zimg.shape != ztxt.shape or len(texts) != len(zimg):
         raise ValueError(f"paired embeddings [N, D] and N texts expected, got {zimg.shape}, {ztxt.shape} "
                          f"and {len(texts)} texts")
     sim = zimg @ ztxt.T  # [N_img, N_txt]
     positives = pair_positives(texts)
-    i2t, t2i = recall_at_k(sim, positives, ks), recall_at_k(sim.T, positives.T, ks)
-    out = {f"i2t_r{k}": i2t[k] for k in ks}
-    out.update({f"t2i_r{k}": t2i[k] for k in ks})
-    out["mean_recall"] = float(np.mean([*i2t.values(), *t2i.values()]))
-    out["num_pairs"] = len(texts)
+    return {"i2t": first_hit_ranks(sim, positives), "t2i": first_hit_ranks(sim.T, positives.T)}
+
+
+def recall_summary(ranks: dict[str, np.ndarray], ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Recall@k both ways (`i2t_r1`, ..., `t2i_r10`), their mean and the number of pairs, from
+    `retrieval_ranks`."""
+    out = {f"{direction}_r{k}": float(np.mean(ranks[direction] < k)) for direction in ("i2t", "t2i") for k in ks}
+    out["mean_recall"] = float(np.mean(list(out.values())))
+    out["num_pairs"] = len(ranks["i2t"])
     return out
+
+
+def retrieval_metrics(zimg, ztxt, texts: Sequence[str], ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Recall@k both ways for N paired normalised embeddings `zimg`, `ztxt` [N, D] and their texts."""
+    return recall_summary(retrieval_ranks(zimg, ztxt, texts), ks)

@@ -442,13 +442,15 @@ def _multilabel(ctx: TaskFeatures, settings: list[dict], options: Options) -> di
                                                     settings[0]["shots_test"])
     x, y = ctx.features, ctx.labels
     lp, ft = config.eval.linear_probe, config.eval.finetune
+    scores = {"linear_probe": {}, "finetune": {}}
     probe = multilabel.linear_probe(x[split.train], y[split.train], x[split.test], y[split.test], l2=lp.l2,
-                                    steps=lp.steps, lr=lp.lr, seed=config.seed)
+                                    steps=lp.steps, lr=lp.lr, seed=config.seed, scores_out=scores["linear_probe"])
     tuned = multilabel.finetune(
         ctx.trainer._tower_features, ctx.tower_variables(), ctx.images[split.train], y[split.train],
         ctx.images[split.test], y[split.test], feature_dim=x.shape[1], steps=ft.steps, batch_size=ft.batch_size,
-        lr=ft.lr, weight_decay=ft.weight_decay, seed=config.seed)
+        lr=ft.lr, weight_decay=ft.weight_decay, seed=config.seed, scores_out=scores["finetune"])
     return {"metrics": {"linear_probe": probe, "finetune": tuned},
+            "predictions": {"labels": y[split.test], "scores": {k: v["scores"] for k, v in scores.items()}},
             "split": {"num_train": len(split.train), "num_test": len(split.test)},
             "config": {"eval.linear_probe": {k: lp[k] for k in ("l2", "steps", "lr")},
                        "eval.finetune": {k: ft[k] for k in ("steps", "batch_size", "lr", "weight_decay")}}}
@@ -456,7 +458,9 @@ def _multilabel(ctx: TaskFeatures, settings: list[dict], options: Options) -> di
 
 def _retrieval(ctx: TaskFeatures, settings: list[dict], options: Options) -> dict:
     texts = [ctx.task.text(ctx.task.source.record(int(i))) for i in ctx.labels]
-    return {"metrics": {"recall": retrieval.retrieval_metrics(ctx.zimg, ctx.text_embeddings(texts), texts)}}
+    ranks = retrieval.retrieval_ranks(ctx.zimg, ctx.text_embeddings(texts), texts)
+    return {"metrics": {"recall": retrieval.recall_summary(ranks)},
+            "predictions": {"ranks": ranks}}
 
 
 def _segmentation(ctx: TaskFeatures, settings: list[dict], options: Options) -> dict:
@@ -476,7 +480,8 @@ def _segmentation(ctx: TaskFeatures, settings: list[dict], options: Options) -> 
 class Protocol:
     """`kind`: the task kind it runs on. A `per_fold` protocol maps (features, split, options) to
     ([N_test, C] test probabilities, extra per-fold values) and the suite runs its folds and shot
-    settings; otherwise `run(features, settings, options)` returns {'metrics': {table: {name: value}}, ...}."""
+    settings; otherwise `run(features, settings, options)` returns {'metrics': {table: {name: value}}, ...}
+    and optionally 'predictions', the arrays `report.write_report` plots for that kind."""
     kind: str
     run: Callable
     per_fold: bool
@@ -635,6 +640,7 @@ def run_protocol(trainer, state, protocol: str, task: TaskData, out_dir: str, *,
             predictions, result["plotted"] = plotted
     else:
         result.update(spec.run(ctx, settings, options))
+        predictions = result.pop("predictions", None)  # arrays for the report's plots, not JSON
     result["seconds"] = time.time() - t0
     paths = report.write_report(os.path.join(out_dir, task.name), result, predictions)
     return {**result, "report": paths}
