@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 from test_keepfit import tiny_keepfit
+from test_sources import ListSource, photograph_examples
 from test_train import tiny_config, train_rows
 from test_vilref import tiny_vilref
 
@@ -22,6 +23,8 @@ from retina_jax.train import Trainer
 
 CORPUS = SyntheticFundus(CorpusSpec(seed=5, size=24, image_size=32, expert_fraction=1.0))
 LONGER = SyntheticFundus(CorpusSpec(seed=5, size=32, image_size=32, expert_fraction=1.0))  # CORPUS + 8 more
+# 21 synthetic examples and the three real photographs (full size, decoded and resized by the pipeline).
+MIXED = ListSource([CORPUS[i] for i in range(21)] + photograph_examples())
 
 
 def entry(fmt, path, **extra):
@@ -49,15 +52,17 @@ class FakeTokenize:
 
 @pytest.fixture(scope="module")
 def on_disk(tmp_path_factory):
-    """The same 24 synthetic examples in every format (+ an ArrayRecord build of the first 16)."""
+    """24 examples in every format: MIXED (with the real photographs) in the CSV, JSONL and ArrayRecord
+    ones; the synthetic CORPUS in the LMDB, whose test matches every batch text to its stored labels
+    (test_sources round-trips the photographs through the LMDB)."""
     root = tmp_path_factory.mktemp("formats")
     out = {
-        "flair_csv": export.write_flair_csv(CORPUS, str(root / "flair")),
-        "jsonl": export.write_jsonl(CORPUS, str(root / "jsonl"), language="zh"),
-        "mmretinal_csv": export.write_mmretinal_csv(CORPUS, str(root / "mm")),
+        "flair_csv": export.write_flair_csv(MIXED, str(root / "flair")),
+        "jsonl": export.write_jsonl(MIXED, str(root / "jsonl"), language="zh"),
+        "mmretinal_csv": export.write_mmretinal_csv(MIXED, str(root / "mm")),
         "vilref_lmdb": export.write_vilref_lmdb(CORPUS, str(root / "lmdb")),
     }
-    build.build(CORPUS, str(root / "ar"), split="train", progress=False)
+    build.build(MIXED, str(root / "ar"), split="train", progress=False)
     out["arrayrecord"] = str(root / "ar")
     return root, out
 
@@ -87,7 +92,7 @@ def test_keepfit_expert_stream_reads_an_mmretinal_csv(on_disk):
     config = with_datasets(tiny_keepfit(**{"data.expert.batch_size": 8}), {"csv": entry("flair_csv", paths["flair_csv"])},
                            mm=entry("mmretinal_csv", paths["mmretinal_csv"]))
     batch = next(_stream(config))
-    captions = {CORPUS.record(i)["caption"] for i in range(len(CORPUS))}
+    captions = {MIXED[i]["caption"] for i in range(len(MIXED))}
     assert batch["expert_image"].shape == (8, 32, 32, 3) and int(batch[files.SKIPPED]) == 0
     # FakeTokenize's first id is the prompt's length: every expert prompt is one of the CSV's captions.
     assert set(batch["expert_input_ids"][:, 0]) <= {len(c) for c in captions}
@@ -195,7 +200,7 @@ def test_keepfit_trains_with_an_mmretinal_expert_csv_and_counts_its_bad_rows(on_
     # An MM-Retinal CSV with one empty caption (dropped with on_error='skip') and one missing image
     # (skipped and redrawn when drawn).
     root = tmp_path / "mm"
-    mm = export.write_mmretinal_csv(CORPUS, str(root))
+    mm = export.write_mmretinal_csv(MIXED, str(root))
     with open(mm, newline="", encoding="utf-8") as f:
         table = list(csv_reader(f))
     table[3][table[0].index("caption")] = ""  # data row 2
@@ -209,7 +214,7 @@ def test_keepfit_trains_with_an_mmretinal_expert_csv_and_counts_its_bad_rows(on_
                             "ar": entry("arrayrecord", paths["arrayrecord"])},
                            mm=entry("mmretinal_csv", mm))
     trainer = Trainer(config, str(tmp_path / "run"))
-    assert trainer.steps_per_epoch == 4 and len(trainer.expert_datasets["mm"]) == len(CORPUS) - 1
+    assert trainer.steps_per_epoch == 4 and len(trainer.expert_datasets["mm"]) == len(MIXED) - 1
     assert len(trainer.bad_rows) == 1 and "row 2: empty caption" in trainer.bad_rows[0]
     trainer.train()
     rows = train_rows(trainer.workdir)

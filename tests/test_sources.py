@@ -67,6 +67,13 @@ def _real_example(name, image, categories, modality='CFP'):
             'caption': f'Expert caption of {name}.', 'labels': _labels(categories), 'modality': modality}
 
 
+def photograph_examples() -> list[dict]:
+    """The three real photographs as RGB examples of the writers' schema (test_files trains on them)."""
+    return [_real_example('normal_sample.png', _rgb('normal_sample.png'), ['normal']),
+            _real_example('sample_macular_hole.png', _rgb('sample_macular_hole.png'), ['macular hole']),
+            _real_example('severe_nonprol_dr.jpg', _rgb('severe_nonprol_dr.jpg'), ['diabetic retinopathy'])]
+
+
 @pytest.fixture(scope='module')
 def corpus():
     """4 synthetic examples (48 px, all modalities, expert captions) + the 3 real photographs: RGB, grey, RGBA."""
