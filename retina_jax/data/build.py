@@ -83,7 +83,7 @@ __all__ = ['ArrayRecordSource', 'DATASET_NAME', 'FORMATS', 'build', 'features', 
 DATASET_NAME = 'retina_fundus'
 VERSION = '1.0.0'
 FORMATS = ('synthetic', *sources.FORMATS)
-ON_ERROR = ('raise', 'skip')
+ON_ERROR = sources.ON_ERROR
 MAX_MESSAGES = 5
 # open_source formats whose image paths are relative to an image root (an LMDB holds its images).
 _IMAGE_ROOT_FORMATS = ('flair_csv', 'mmretinal_csv', 'jsonl')

@@ -32,7 +32,7 @@ from absl import logging
 
 from retina_jax.data import images, sources
 
-ON_ERROR = ("raise", "skip")
+ON_ERROR = sources.ON_ERROR  # data.on_error
 MIXING = ("balanced", "weights", "concat")
 SKIPPED = "skipped"  # the marker key of a skipped example, and the batch key of the skip count
 

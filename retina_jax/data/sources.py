@@ -41,8 +41,8 @@ from retina_jax.data import knowledge
 from retina_jax.data.images import DataError, decode_image
 from retina_jax.data.synthetic import MODALITIES
 
-__all__ = ['CaptionCsvSource', 'FORMATS', 'FlairCsvSource', 'JsonlSource', 'OOD_BANNED_CATEGORIES', 'VilrefLmdbSource',
-           'is_ood_banned', 'open_source']
+__all__ = ['CaptionCsvSource', 'FORMATS', 'FlairCsvSource', 'JsonlSource', 'ON_ERROR', 'OOD_BANNED_CATEGORIES',
+           'VilrefLmdbSource', 'is_ood_banned', 'open_source']
 
 # FLAIR's `--banned_categories` (main_pretrain.py; KeepFIT's main_pretrain.py has the same list): the
 # categories held out of pretraining so that zero-shot on them is "unseen" (METHODS.md section 1).
@@ -84,6 +84,7 @@ class _Source:
         return int(index)
 
 
+# What a bad row or example does: stop with its message, or be dropped and counted (config data.on_error).
 ON_ERROR = ('raise', 'skip')
 
 
