@@ -17,8 +17,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def trainer_from_flags(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from retina_jax import distributed
     from retina_jax.metrics import quiet_library_logs
     from retina_jax.train import Trainer
 
+    # Before anything touches a device: one process per host joins the pod's runtime (a no-op alone).
+    distributed.initialize()
     quiet_library_logs()
     return Trainer(CONFIG.value, WORKDIR.value)
