@@ -243,24 +243,30 @@ def drawn(draw, positions):
             for e in draw(p, np.random.default_rng(p))["examples"]]
 
 
-def test_expert_draws_are_uniform_with_replacement_within_the_process_shard():
-    draw = pipeline.DrawExpertBatch(IndexedCaptions(20), shard=1, num_shards=2, batch_size=8, image_size=8,
-                                    preprocess="flair", collate=collect)
-    indices = drawn(draw, range(500))
-    assert set(indices) == set(range(1, 20, 2))  # this process's half, all of it
-    counts = np.bincount(indices, minlength=20)[1::2]
+def test_expert_draws_are_uniform_with_replacement_and_split_over_processes():
+    def draw(process, count):
+        return pipeline.DrawExpertBatch(IndexedCaptions(10), process_index=process, process_count=count,
+                                        global_batch=8, image_size=8, preprocess="flair", collate=collect)
+
+    indices = drawn(draw(0, 1), range(500))
+    assert set(indices) == set(range(10))
+    counts = np.bincount(indices, minlength=10)
     # 4000 draws over 10 examples: a chi-square far beyond the 0.999 quantile (27.9, 9 dof) would fail.
     chi2 = ((counts - 400) ** 2 / 400).sum()
     assert chi2 < 27.9, counts
     batches = np.reshape(indices, (500, 8))
     # With replacement: 8 draws from 10 give a repeated example in most batches (P = 0.98).
     assert np.mean([len(set(b)) < 8 for b in batches]) > 0.9
-    assert drawn(draw, [7]) == drawn(draw, [7])  # a position always yields the same batch
+    assert drawn(draw(0, 1), [7]) == drawn(draw(0, 1), [7])  # a position always yields the same batch
+    # Two processes read the two halves of the same global batch.
+    for p in (3, 7):
+        halves = [drawn(draw(k, 2), [p]) for k in (0, 1)]
+        assert len(halves[0]) == 4 and halves[0] + halves[1] == drawn(draw(0, 1), [p])
 
 
 def test_empty_expert_caption_is_an_error_naming_the_example():
-    draw = pipeline.DrawExpertBatch(IndexedCaptions(4, empty={0, 1, 2, 3}), shard=0, num_shards=1, batch_size=2,
-                                    image_size=8, preprocess="flair", collate=collect)
+    draw = pipeline.DrawExpertBatch(IndexedCaptions(4, empty={0, 1, 2, 3}), process_index=0, process_count=1,
+                                    global_batch=2, image_size=8, preprocess="flair", collate=collect)
     with pytest.raises(ValueError, match=r"expert example \d of .* empty caption"):
         draw(0, np.random.default_rng(0))
 

@@ -185,13 +185,14 @@ def mixing_weights(config, lengths: dict[str, int]) -> list[float]:
     return [float(config.data.datasets[name].get("weight", 1.0)) for name in lengths]
 
 
-def mixed_stream(config, opened: dict[str, Any], transform: Callable, shard: int, num_shards: int) -> grain.MapDataset:
-    """Every dataset sharded by process, shuffled, transformed under the guard, repeated, then
-    mixed by `mixing_weights` (grain interleaves deterministically in those proportions)."""
+def mixed_stream(config, opened: dict[str, Any], transform: Callable) -> grain.MapDataset:
+    """Every dataset shuffled, transformed under the guard, repeated, then mixed by `mixing_weights`
+    (grain interleaves deterministically in those proportions): the global order, of which each
+    process reads its rows (`pipeline.ProcessRows`)."""
     d = config.data
     streams = []
     for i, (name, source) in enumerate(opened.items()):
-        ds = grain.MapDataset.source(Guarded(source, d.on_error, d.fov_crop))[shard::num_shards]
+        ds = grain.MapDataset.source(Guarded(source, d.on_error, d.fov_crop))
         if d.shuffle:
             ds = ds.shuffle(seed=config.seed + 7919 * i)  # each dataset its own order
         ds = ds.random_map(GuardedTransform(transform, d.on_error), seed=config.seed + i)

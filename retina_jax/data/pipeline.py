@@ -1,10 +1,11 @@
 """grain input pipelines: the FLAIR categorical stream (METHODS.md section 1), ViLReF's report
 stream (section 4) and held-out eval sets.
 
-Training stream: source -> this process's shard -> shuffle -> per-example FLAIR transform (image
-preprocessing and augmentation, prompt "A [ATR] fundus photograph of [CLS]" with the category
-sampled from the example's list and optionally swapped for one of its expert descriptions) ->
-repeat with per-epoch reseeding -> batch (tokenised per batch) -> iterator. Every random choice is
+Training stream: source -> shuffle -> per-example FLAIR transform (image preprocessing and
+augmentation, prompt "A [ATR] fundus photograph of [CLS]" with the category sampled from the
+example's list and optionally swapped for one of its expert descriptions) -> repeat with per-epoch
+reseeding -> this process's rows of each global batch (`ProcessRows`) -> batch (tokenised per
+batch) -> iterator. Every random choice is
 drawn from grain's per-index generator, so a pipeline position reproduces the same batch, and the
 iterator state saved with a checkpoint resumes the exact data position.
 
@@ -239,32 +240,35 @@ class Collate:
 
 @dataclasses.dataclass
 class DrawExpertBatch:
-    """Batch position -> `batch_size` expert examples drawn uniformly WITH replacement from this
-    process's shard of the expert corpus (KeepFIT samples its expert batch so), collated: images
-    without augmentation, the captions as they are (no prompt template). The draws come from
-    grain's per-position generator, so a pipeline position always yields the same batch."""
+    """Batch position -> this process's rows of a global batch of `global_batch` expert examples
+    drawn uniformly WITH replacement from the whole expert corpus (KeepFIT samples its expert batch
+    so), collated: images without augmentation, the captions as they are (no prompt template). The
+    draws come from grain's per-position generator, the same on every process, so a position always
+    yields the same global batch whatever the number of processes; each process reads only its rows.
+    A bad file (data.on_error='skip') is replaced by a further draw from this process's generator."""
     source: SyntheticFundus
-    shard: int
-    num_shards: int
-    batch_size: int
+    process_index: int
+    process_count: int
+    global_batch: int
     image_size: int
     preprocess: str
     collate: Collate
 
     def __call__(self, position: int, rng: np.random.Generator) -> dict:
-        local = len(range(self.shard, len(self.source), self.num_shards))
-        draws = [int(d) for d in rng.integers(local, size=self.batch_size)]
+        local = self.global_batch // self.process_count
+        everyone = rng.integers(len(self.source), size=self.global_batch)
+        draws = [int(d) for d in everyone[self.process_index * local:(self.process_index + 1) * local]]
         examples, skipped = [], 0
         while draws:
-            index = self.shard + self.num_shards * draws.pop(0)
+            index = draws.pop(0)
             example = self.source[index]
             if files.SKIPPED in example:  # a bad file under data.on_error='skip': draw another
                 skipped += 1
                 logging.warning("skipped a bad expert example (data.on_error='skip'): %s", example[files.SKIPPED])
-                if skipped > 100 * self.batch_size:
+                if skipped > 100 * local:
                     raise DataError(f"expert stream: {skipped} bad examples drawn while filling one batch; "
                                     f"last: {example[files.SKIPPED]}")
-                draws.append(int(rng.integers(local)))
+                draws.append(int(rng.integers(len(self.source))))
                 continue
             caption = example["caption"].strip()
             if not caption:
@@ -273,6 +277,39 @@ class DrawExpertBatch:
             examples.append({"image": transforms.preprocess(example["image"], self.image_size, self.preprocess),
                              "prompt": caption})
         return {**self.collate(examples), files.SKIPPED: np.int64(skipped)}
+
+
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch of `parent`, a stream of examples in global order:
+    row j of local batch n is `parent[n * global_batch + process_index * local + j]`.
+
+    Every process walks the same global order (one shuffle, one per-index augmentation seed), so a
+    global batch holds the same examples in the same order whatever the number of processes (the
+    losses of 2 processes x 4 devices equal those of 1 x 8), and each process reads and decodes
+    only its own rows, disjoint from the others'."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._global = global_batch
+        self._local = global_batch // process_count
+        self._offset = process_index * self._local
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._global + self._offset + row]
+
+
+def process_rows(ds: grain.MapDataset, global_batch: int) -> grain.MapDataset:
+    """`ProcessRows` of this process (`ds` itself on one process)."""
+    local_batch_size(global_batch)  # checks the split
+    if jax.process_count() == 1:
+        return ds
+    return ProcessRows(ds, global_batch, jax.process_index(), jax.process_count())
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -321,7 +358,7 @@ def train_transform(config):
 
 
 def train_size(config, datasets: dict | None = None) -> int:
-    """Examples in one epoch of the public stream (every process's shards together); `datasets`:
+    """Examples in one epoch of the public stream (all processes together); `datasets`:
     the already opened `data.datasets` (`files.open_datasets`), opened here when None."""
     if config.data.source == "files":
         return sum(len(source) for source in (datasets or files.open_datasets(config)).values())
@@ -337,16 +374,16 @@ def train_dataset(config, tokenize: Tokenize, datasets: dict | None = None,
     batch_size = local_batch_size(config.data.batch_size)
     if config.data.source == "files":
         # Datasets on disk: guarded against bad input, mixed, batched with a skip count.
-        ds = files.mixed_stream(config, datasets or files.open_datasets(config), transform, jax.process_index(),
-                                jax.process_count())
+        ds = process_rows(files.mixed_stream(config, datasets or files.open_datasets(config), transform),
+                          config.data.batch_size)
         expert = expert_dataset(config, tokenize, None, expert_datasets) if config.data.expert.enabled else None
         it = files.SkipCountingBatch(ds.to_iter_dataset(), batch_size, Collate(tokenize), expert)
         return _prefetch(config, it)
-    ds = grain.MapDataset.source(synthetic_source(config))[jax.process_index()::jax.process_count()]
+    ds = grain.MapDataset.source(synthetic_source(config))
     if config.data.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.random_map(transform, seed=config.seed)
-    ds = ds.repeat(None)
+    ds = process_rows(ds.repeat(None), config.data.batch_size)
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(tokenize))
     if config.data.expert.enabled:
         ds = grain.experimental.ZipMapDataset([ds, expert_dataset(config, tokenize, len(ds), expert_datasets)]).map(
@@ -374,7 +411,8 @@ def expert_dataset(config, tokenize: Tokenize, num_batches: int | None, datasets
              for s in opened.values()])
     else:
         source = expert_source(config)
-    draw = DrawExpertBatch(source, jax.process_index(), jax.process_count(), local_batch_size(e.batch_size),
+    local_batch_size(e.batch_size)  # checks the split over processes
+    draw = DrawExpertBatch(source, jax.process_index(), jax.process_count(), e.batch_size,
                            config.data.image_size, config.data.preprocess, Collate(tokenize))
     return grain.MapDataset.range(sys.maxsize if num_batches is None else num_batches).random_map(
         draw, seed=config.seed + 1)
@@ -399,13 +437,15 @@ def mlm_split(config, split: str) -> grain.MapDataset:
 
 
 def mlm_dataset(config, tokenizer_path: str) -> grain.IterDataset:
-    """Stage `text` training stream: this process's shard of the corpus, shuffled, whole-word masked
-    from grain's per-index generator (so a resumed iterator reproduces the same masks), batched."""
-    ds = mlm_split(config, "train")[jax.process_index()::jax.process_count()]
+    """Stage `text` training stream: the corpus shuffled, whole-word masked from grain's per-index
+    generator (so a resumed iterator reproduces the same masks), this process's rows of each global
+    batch (`ProcessRows`), batched."""
+    ds = mlm_split(config, "train")
     if config.data.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.random_map(WholeWordMask(tokenizer_path, config.text.max_len, config.mlm.mask_prob), seed=config.seed)
-    ds = ds.repeat(None).batch(local_batch_size(config.data.batch_size), drop_remainder=True)
+    ds = process_rows(ds.repeat(None), config.data.batch_size)
+    ds = ds.batch(local_batch_size(config.data.batch_size), drop_remainder=True)
     return ds.to_iter_dataset()
 
 
