@@ -105,8 +105,8 @@ def test_process_rows_split_every_global_batch_into_disjoint_parts():
     assert len(pipeline.ProcessRows(grain.MapDataset.range(50), 16, 1, 2)) == 3 * 8  # whole global batches only
 
 
-# test_train's tiny FLAIR run (12 steps of batch 16, checkpoints every 4) in one of two processes;
-# process 0 then saves its final parameters for the comparison.
+# test_train's tiny FLAIR run cut to 8 of its 12 scheduled steps (batch 16, checkpoints every 4; the
+# same compiled step) in one of two processes; process 0 then saves its final parameters.
 TRAIN_WORKER = """
 import sys
 import jax
@@ -116,12 +116,15 @@ from retina_jax import distributed
 distributed.initialize()
 from test_train import tiny_config
 from retina_jax.train import Trainer
-trainer = Trainer(tiny_config(**{"eval.at_end": False}), sys.argv[1])
+trainer = Trainer(tiny_config(**{"eval.at_end": False, "train.epochs": 2.0}), sys.argv[1])  # SHORT
 trainer.train()
 if jax.process_index() == 0:
     params = jax.tree.leaves(trainer.state.params)
     np.savez(sys.argv[2], *[np.asarray(p.addressable_data(0)) for p in params])
 """
+
+
+SHORT = {"eval.at_end": False, "train.epochs": 2.0}
 
 
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
@@ -135,26 +138,26 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
         procs.append(subprocess.Popen([sys.executable, "-c", TRAIN_WORKER, workdir, saved], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     # Meanwhile the same run in this process on 8 devices (test_train's compiled step).
-    one = Trainer(tiny_config(**{"eval.at_end": False}), str(tmp_path / "one"))
+    one = Trainer(tiny_config(**SHORT), str(tmp_path / "one"))
     one.train()
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-4000:]
     two_rows, one_rows = train_rows(workdir), train_rows(one.workdir)
-    assert [r["step"] for r in two_rows] == list(range(1, 13))
+    assert [r["step"] for r in two_rows] == list(range(1, 9))
     np.testing.assert_allclose([r["train/loss"] for r in two_rows], [r["train/loss"] for r in one_rows],
                                rtol=2e-5)
-    # The 2-process checkpoints (steps 4, 8, 12) restore in one process on 8 devices, exactly.
+    # The 2-process checkpoints (steps 4, 8) restore in one process on 8 devices, exactly.
     mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-    assert mngr.all_steps() == [4, 8, 12]
+    assert mngr.all_steps() == [4, 8]
     mngr.close()
-    restored = Trainer(tiny_config(**{"eval.at_end": False}), workdir).restore_latest()
-    assert int(jax.device_get(restored.step)) == 12
+    restored = Trainer(tiny_config(**SHORT), workdir).restore_latest()
+    assert int(jax.device_get(restored.step)) == 8
     want = np.load(saved)
     for got, (name, value) in zip(leaves(restored.params), sorted(want.items(), key=lambda kv: int(kv[0][4:]))):
         np.testing.assert_array_equal(got, value, err_msg=name)
     # And they are the 1-process run's parameters up to float32 reduction order. Adam's normalised
-    # steps carry that order into single small weights (a few of 1M differ by ~2e-4 after 12
+    # steps carry that order into single small weights (a few of 1M differed by ~2e-4 after 12
     # steps), so each tensor is compared as a whole.
     for got, ref in zip(leaves(restored.params), leaves(one.state.params)):
         # (measured: at most 3e-4 of the norm; tensors still near zero differ by ~2e-7 absolute)
