@@ -27,3 +27,27 @@ find_python() {
         printf 'python3\n'
     fi
 }
+
+# usage CODE: the calling script's header comment (its lines HELP_LINES, e.g. '2,10') as help, then exit CODE.
+usage() {
+    sed -n "${HELP_LINES}p" "$0" | sed 's/^# \{0,1\}//'
+    exit "$1"
+}
+
+# require COUNT NAME...: stops with the usage unless every option variable NAME is set (reported as
+# --NAME, underscores as dashes) and retina_jax.main has COUNT > 0 arguments.
+require() {
+    local script count="$1" name
+    script="$(basename "$0")"
+    shift
+    for name in "$@"; do
+        if [[ -z "${!name}" ]]; then
+            echo "$script: --${name//_/-} is required" >&2
+            usage 2
+        fi
+    done
+    if [[ $count -eq 0 ]]; then
+        echo "$script: give retina_jax.main's arguments after --" >&2
+        usage 2
+    fi
+}

@@ -10,10 +10,10 @@
 # from the workdir's latest checkpoint. PYTHON (default: .venv/bin/python, else python3) runs it.
 set -euo pipefail
 
-usage() {
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
-    exit "${1:-2}"
-}
+here="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/_lib.sh
+source "$here/launch/_lib.sh"
+HELP_LINES=2,10
 
 coordinator="" num_processes="" process_id="" dry_run=0
 while [[ $# -gt 0 ]]; do
@@ -24,23 +24,11 @@ while [[ $# -gt 0 ]]; do
         --dry-run) dry_run=1; shift ;;
         -h|--help) usage 0 ;;
         --) shift; break ;;
-        *) echo "multinode.sh: unknown option $1" >&2; usage ;;
+        *) echo "multinode.sh: unknown option $1" >&2; usage 2 ;;
     esac
 done
-for name in coordinator num_processes process_id; do
-    if [[ -z "${!name}" ]]; then
-        echo "multinode.sh: --${name//_/-} is required" >&2
-        usage
-    fi
-done
-if [[ $# -eq 0 ]]; then
-    echo "multinode.sh: give retina_jax.main's arguments after --" >&2
-    usage
-fi
+require $# coordinator num_processes process_id
 
-here="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=launch/_lib.sh
-source "$here/launch/_lib.sh"
 env_vars=(RETINA_JAX_DISTRIBUTED=manual "RETINA_JAX_COORDINATOR=$coordinator"
           "RETINA_JAX_NUM_PROCESSES=$num_processes" "RETINA_JAX_PROCESS_ID=$process_id")
 command=(env "${env_vars[@]}" "$(find_python "$here")" -m retina_jax.main "$@")

@@ -11,10 +11,10 @@
 # slice and resumes from the workdir's latest checkpoint. GCLOUD (default gcloud) is the CLI used.
 set -euo pipefail
 
-usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-    exit "${1:-2}"
-}
+here="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/_lib.sh
+source "$here/launch/_lib.sh"
+HELP_LINES=2,11
 
 name="" zone="" type="" repo="" ref="main" version="tpu-ubuntu2204-base" dry_run=0
 while [[ $# -gt 0 ]]; do
@@ -28,23 +28,11 @@ while [[ $# -gt 0 ]]; do
         --dry-run) dry_run=1; shift ;;
         -h|--help) usage 0 ;;
         --) shift; break ;;
-        *) echo "tpu_pod.sh: unknown option $1" >&2; usage ;;
+        *) echo "tpu_pod.sh: unknown option $1" >&2; usage 2 ;;
     esac
 done
-for option in name zone type repo; do
-    if [[ -z "${!option}" ]]; then
-        echo "tpu_pod.sh: --$option is required" >&2
-        usage
-    fi
-done
-if [[ $# -eq 0 ]]; then
-    echo "tpu_pod.sh: give retina_jax.main's arguments after --" >&2
-    usage
-fi
+require $# name zone type repo
 
-here="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=launch/_lib.sh
-source "$here/launch/_lib.sh"
 gcloud="${GCLOUD:-gcloud}"
 tpu=("$gcloud" compute tpus tpu-vm)
 where=(--zone "$zone")
