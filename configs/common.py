@@ -81,7 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model_init_trees = ()
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the `data` axis; -1 = all devices
+    c.mesh.data = -1  # devices on the `data` axis; -1 = all devices the `fsdp` axis leaves
+    # Devices on the `fsdp` axis. The batch is split over data x fsdp; with param_sharding='fsdp'
+    # each large parameter (and its optimizer state and EMA copy) is split over this axis
+    # (retina_jax/sharding.py). Keep it within one host: its all-gathers run every layer.
+    c.mesh.fsdp = 1
+    c.mesh.param_sharding = "replicate"  # 'replicate' | 'fsdp'
+    c.mesh.fsdp_min_size = 2 ** 14  # tensors with fewer elements stay replicated under 'fsdp'
 
     # ----------------------------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()
@@ -188,7 +194,12 @@ def get_config() -> ml_collections.ConfigDict:
     # ViLReF re-initialises logit_scale at the start of every run, resumes included (a quirk of the
     # original; METHODS.md section 4).
     c.model.logit_scale_reset = False
+    # Activations and matmuls in 'bfloat16' or 'float32'; parameters, optimizer state, the
+    # embeddings, logits and losses stay float32 either way (RESULTS.md: bf16 vs float32).
     c.model.compute_dtype = "float32"
+    # Rematerialise every tower block (nn.remat): activation memory for about 1/3 more compute;
+    # the same numbers (tests/test_sharding.py).
+    c.model.remat = False
     # Projection heads (param trees `img_proj`, `txt_proj`): 'flair' = normalise -> Linear(no bias)
     # -> normalise (FLAIR/KeepFIT); 'linear' = Linear(no bias) -> normalise (CLIP's `proj` /
     # `text_projection`, ViLReF); 'none' = the tower already outputs embed_dim (CLIP RN50 attnpool).

@@ -22,6 +22,7 @@ from retina_jax.momentum import check_queue_size
 from retina_jax.models.bert import TEXT_POOLING_MODES
 from retina_jax.models.knowledge import KNOWLEDGE_SOFTMAX_AXES
 from retina_jax.models.two_tower import IMAGE_TOWERS, PROJECTIONS
+from retina_jax.sharding import PARAM_SHARDINGS, mesh_shape
 
 LOSSES = ("flair", "clip", "wscl")
 STREAMS = ("flair", "reports")
@@ -72,12 +73,17 @@ def validate(config, num_devices: int) -> None:
         if not ok:
             errors.append(f"config.{field}: {why}")
 
-    data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
-    check(config.mesh.data == -1 or 1 <= config.mesh.data <= num_devices, "mesh.data",
-          f"{config.mesh.data} devices requested, {num_devices} available (-1 = all)")
-    check(config.data.batch_size > 0 and data_devices > 0 and config.data.batch_size % max(data_devices, 1) == 0,
+    data, fsdp = mesh_shape(config.mesh, num_devices)
+    check(config.mesh.fsdp >= 1 and num_devices % max(config.mesh.fsdp, 1) == 0, "mesh.fsdp",
+          f"{config.mesh.fsdp} must be >= 1 and divide the {num_devices} devices")
+    check(config.mesh.data == -1 or (config.mesh.data >= 1 and data * fsdp <= num_devices), "mesh.data",
+          f"{config.mesh.data} x mesh.fsdp={fsdp} devices requested, {num_devices} available (-1 = all)")
+    check(config.mesh.param_sharding in PARAM_SHARDINGS, "mesh.param_sharding",
+          f"{config.mesh.param_sharding!r} not in {PARAM_SHARDINGS}")
+    batch_shards = data * fsdp
+    check(config.data.batch_size > 0 and batch_shards > 0 and config.data.batch_size % max(batch_shards, 1) == 0,
           "data.batch_size", f"global batch {config.data.batch_size} must be a positive multiple of the "
-          f"{data_devices} devices on the data axis")
+          f"{batch_shards} devices of the data x fsdp mesh")
     check(config.data.source in DATA_SOURCES, "data.source", f"{config.data.source!r} not in {DATA_SOURCES}")
     check(config.data.source != "files" or bool(config.data.datasets), "data.datasets",
           "data.source='files' needs at least one dataset (name -> format, path, image_root)")
@@ -144,8 +150,8 @@ def validate(config, num_devices: int) -> None:
           "'wscl' needs the label vectors of data.stream='reports'")
     e, k = config.data.expert, config.loss.keepfit
     if e.enabled:
-        check(e.batch_size > 0 and e.batch_size % max(data_devices, 1) == 0, "data.expert.batch_size",
-              f"global expert batch {e.batch_size} must be a positive multiple of the {data_devices} data devices")
+        check(e.batch_size > 0 and e.batch_size % max(batch_shards, 1) == 0, "data.expert.batch_size",
+              f"global expert batch {e.batch_size} must be a positive multiple of the {batch_shards} data x fsdp devices")
         check(e.size >= e.batch_size, "data.expert.size", f"{e.size} examples cannot fill one expert batch "
               f"of {e.batch_size}")
         check(e.seed not in (config.data.synthetic.seed, config.eval.zero_shot.seed), "data.expert.seed",
@@ -236,8 +242,8 @@ def validate(config, num_devices: int) -> None:
     check(config.eval.zero_shot.seed != config.data.synthetic.seed, "eval.zero_shot.seed",
           f"held-out seed equals the training corpus seed {config.data.synthetic.seed}")
     check(len(config.eval.zero_shot.classes) >= 2, "eval.zero_shot.classes", "needs at least 2 classes")
-    check(config.eval.batch_size > 0 and config.eval.batch_size % max(data_devices, 1) == 0, "eval.batch_size",
-          f"{config.eval.batch_size} must be a positive multiple of the {data_devices} data devices")
+    check(config.eval.batch_size > 0 and config.eval.batch_size % max(batch_shards, 1) == 0, "eval.batch_size",
+          f"{config.eval.batch_size} must be a positive multiple of the {batch_shards} data x fsdp devices")
     check(not config.resume or os.path.isdir(config.resume), "resume",
           f"{config.resume!r} is not a checkpoint directory")
     check(not config.model_init or os.path.isdir(config.model_init), "model_init",

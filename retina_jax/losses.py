@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 LOGIT_SCALE_MAX = math.log(100.0)
+LOGITS_SCOPE = "contrastive_logits"
 
 
 def clamp_logit_scale(logit_scale: jax.Array) -> jax.Array:
@@ -52,9 +53,11 @@ def soft_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
 def _paired_logits(zimg, ztxt, logit_scale, row_sharding):
     scale = jnp.exp(clamp_logit_scale(logit_scale))
     # Both directions are computed as row-major products (rather than transposing one matrix) so
-    # each stays row-sharded: the softmax reduction then never crosses devices for the rows.
-    logits_t2i = _constrain(scale * ztxt @ zimg.T, row_sharding)  # [B_txt, B_img], rows sharded
-    logits_i2t = _constrain(scale * zimg @ ztxt.T, row_sharding)  # [B_img, B_txt], rows sharded
+    # each stays row-sharded: the softmax reduction then never crosses devices for the rows. The
+    # scope names the ops in compiled programs and profiles (tests/test_sharding.py reads it).
+    with jax.named_scope(LOGITS_SCOPE):
+        logits_t2i = _constrain(scale * ztxt @ zimg.T, row_sharding)  # [B_txt, B_img], rows sharded
+        logits_i2t = _constrain(scale * zimg @ ztxt.T, row_sharding)  # [B_img, B_txt], rows sharded
     return logits_t2i, logits_i2t
 
 

@@ -121,19 +121,23 @@ class Predictor:
         ids, mask = self.tokenize(texts)
         return np.asarray(self._encode_text(self.variables, ids, mask))
 
-    def prototypes(self, classes, templates=DEFAULT_TEMPLATES, use_descriptions: bool = True) -> np.ndarray:
+    def prototypes(self, classes, templates=DEFAULT_TEMPLATES, use_descriptions: bool = True,
+                   language: str = "en") -> np.ndarray:
         descriptions = None if use_descriptions else {}
         return zeroshot.class_prototypes(lambda ids, mask: self._encode_text(self.variables, ids, mask), self.tokenize,
-                                         classes, templates, descriptions, require_descriptions=False)
+                                         classes, templates, descriptions, require_descriptions=False,
+                                         language=language)
 
     def predict(self, paths, classes, templates=DEFAULT_TEMPLATES, use_descriptions: bool = True,
-                batch_size: int = 8) -> list[dict]:
-        """Per image: {'image', 'probs': {class: p}, 'top'}; every image is read before any compute."""
+                batch_size: int = 8, language: str = "en") -> list[dict]:
+        """Per image: {'image', 'probs': {class: p}, 'top'}; every image is read before any compute.
+        `language='zh'` prompts a Chinese-trained model (ViLReF) with the classes' Chinese names
+        and descriptions (English class names in, as the zero-shot evaluation takes them)."""
         if len(classes) < 2:
             raise ValueError(f"need at least 2 classes, got {list(classes)}")
         images = [read_image(p) for p in paths]
         probs = zeroshot.zero_shot_probs(self.embed_images(images, batch_size),
-                                         self.prototypes(classes, templates, use_descriptions), self.scale)
+                                         self.prototypes(classes, templates, use_descriptions, language), self.scale)
         return [{"image": path, "probs": {c: float(p) for c, p in zip(classes, row)}, "top": classes[int(row.argmax())]}
                 for path, row in zip(paths, probs)]
 

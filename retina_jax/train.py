@@ -7,11 +7,12 @@ and caption evaluation) and ViLReF (section 4: report stream with extracted labe
 encoders and replicated queues, logit_scale clamp/reset quirks); methods differ by config (towers,
 loss terms, data streams, momentum state), not by a forked trainer.
 
-Sharding (ARCHITECTURE.md): one `jax.jit` with NamedShardings on a mesh from the config. The batch
-is sharded over `data`, parameters and optimizer state are replicated, and the loss is written on
-the global batch with row-sharded logits. The train state is built abstractly (`jax.eval_shape`)
-and materialised directly with its shardings; the same abstract state is orbax's restore target,
-so a checkpoint written on one mesh restores onto another.
+Sharding (ARCHITECTURE.md): one `jax.jit` with NamedShardings on a `data` x `fsdp` mesh from the
+config (sharding.py). The batch is sharded over both axes; parameters, optimizer state and EMA
+parameters are replicated or FSDP-sharded (`mesh.param_sharding`); the loss is written on the
+global batch with row-sharded logits. The train state is built abstractly (`jax.eval_shape`) and
+materialised directly with its shardings; the same abstract state is orbax's restore target, so a
+checkpoint written on one mesh restores onto another.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Trainer:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = sharding.make_mesh(config.mesh)
-        self.num_data_shards = self.mesh.shape[sharding.DATA]
+        self.num_batch_shards = sharding.num_batch_shards(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.replicated = sharding.replicated(self.mesh)
 
@@ -67,7 +68,7 @@ class Trainer:
                             self.bad_rows[0])
         if config.mlm.enabled:  # KeepFIT V2 stage `text`: the text tower alone
             self.model = MaskedLM(text_config(config.model.txt, self.tokenize.vocab_size),
-                                  jnp.dtype(config.model.compute_dtype))
+                                  jnp.dtype(config.model.compute_dtype), config.model.remat)
             self.steps_per_epoch = len(pipeline.mlm_split(config, "train")) // self.global_batch
         else:
             self.model = build_model(config.model, self.tokenize.vocab_size, config.data.image_size,
@@ -78,8 +79,8 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
 
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
-        # Parameters, optimizer state and the rest are replicated (FSDP arrives with the scale-out work).
-        self.state_sharding = jax.tree.map(lambda _: self.replicated, self.abstract_state)
+        # Replicated, or parameters with their optimizer state and EMA copy split over `fsdp`.
+        self.state_sharding = sharding.state_shardings(self.abstract_state, self.mesh, config.mesh)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_sharding)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
@@ -145,6 +146,8 @@ class Trainer:
             if self.config.model_init:
                 params, batch_stats = checkpointing.init_from(self.config.model_init, state.params, state.batch_stats,
                                                               self.replicated, self.config.model_init_trees)
+                # Loaded replicated; laid out as this run shards its parameters (mesh.param_sharding).
+                params = jax.device_put(params, self.state_sharding.params)
                 # The momentum model starts as a copy of whatever the online model starts from.
                 ema_params = jax.tree.map(jnp.copy, params) if self.config.momentum.enabled else {}
                 state = state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
@@ -174,7 +177,7 @@ class Trainer:
         the loss per device (negatives only from the same device, as the original), 'global' over
         the whole batch with row-sharded logits."""
         if self.config.loss.scope == "local":
-            return self.num_data_shards, None
+            return self.num_batch_shards, None
         return 1, sharding.rows_sharding(self.mesh)
 
     def _wscl(self, out, batch, logit_scale, state: TrainState, momentum_out):
@@ -228,7 +231,9 @@ class Trainer:
                                   rngs={"dropout": rng})
         return losses.token_cross_entropy(logits, batch["mlm_labels"], batch["mlm_weights"])
 
-    def _train_step(self, state: TrainState, batch):
+    def _forward_backward(self, state: TrainState, batch):
+        """The step's forward and backward passes -> (params as used, ema_params, momentum_out, loss,
+        (batch_stats, outputs, loss terms, extra metrics), gradients)."""
         config = self.config
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         params = dict(state.params)
@@ -257,6 +262,10 @@ class Trainer:
             out, updates = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
                 batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+            # Embeddings stay split by rows like the batch: with FSDP-split projection kernels XLA
+            # would otherwise split them (and their gradients) by feature, then copy them whole to
+            # meet the row-sharded logits.
+            out = {**out, **{k: jax.lax.with_sharding_constraint(out[k], self.batch_sharding) for k in ("zimg", "ztxt")}}
             batch_stats, terms = updates.get("batch_stats", {}), {}
             if config.data.expert.enabled:
                 loss, terms, batch_stats = self._keepfit(params, batch_stats, out, batch, rng)
@@ -266,7 +275,19 @@ class Trainer:
                 loss = self._loss(out, batch, params["logit_scale"])
             return loss, (batch_stats, out, terms, {})
 
-        (loss, (batch_stats, out, terms, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return params, ema_params, momentum_out, loss, aux, grads
+
+    def loss_and_grads(self, state: TrainState, batch):
+        """The loss and gradients the train step applies, without updating anything: to check that
+        shardings, compute dtypes and rematerialisation leave the step's numbers unchanged."""
+        _, _, _, loss, _, grads = self._forward_backward(state, batch)
+        return loss, grads
+
+    def _train_step(self, state: TrainState, batch):
+        config, contrastive = self.config, not self.config.mlm.enabled
+        params, ema_params, momentum_out, loss, (batch_stats, out, terms, extra), grads = \
+            self._forward_backward(state, batch)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if contrastive and config.model.logit_scale_clamp == "after_step":
@@ -297,6 +318,15 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         logging.warning("signal %d received: saving a checkpoint after the current step", signum)
         self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """True on every process as soon as any one of them has been sent SIGTERM, so that all save
+        the same step (a checkpoint is written collectively) and exit together. One tiny all-gather
+        of a host flag per step when there are several processes."""
+        local = self._stop_signal is not None
+        if jax.process_count() == 1:
+            return local
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([local]))))
 
     def train(self) -> dict:
         """Train to `total_steps` (resuming if possible); returns the final eval metrics (if any)."""
@@ -350,11 +380,12 @@ class Trainer:
                     progress.update(1)
                 if done % config.train.checkpoint_every == 0 and done != self.total_steps:
                     save(done)
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     save(done, force=True)
                     mngr.wait_until_finished()
                     self.state = state
-                    logging.warning("stopped by signal %d at step %d; checkpoint saved", self._stop_signal, done)
+                    logging.warning("stopped by signal %s at step %d; checkpoint saved",
+                                    self._stop_signal or "SIGTERM on another process", done)
                     return {}
                 if config.eval.every_steps and done % config.eval.every_steps == 0 and done != self.total_steps:
                     self.evaluate(state, step=done)

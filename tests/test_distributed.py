@@ -1,9 +1,12 @@
 """Multi-controller runs (retina_jax/distributed.py, pipeline.ProcessRows): the environment contract,
 two local processes with 4 CPU devices each joining one 8-device runtime over gloo, each process
-reading disjoint rows of the same global batches, and a 2-process training run with checkpoints that
-gives the 1-process losses and restores in one process."""
+reading disjoint rows of the same global batches, and a 2-process training run, stopped by SIGTERM
+on one process and resumed, that gives the 1-process losses and restores in one process on other
+meshes."""
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +18,7 @@ import pytest
 
 from retina_jax import checkpointing, distributed
 from retina_jax.data import pipeline
-from test_train import REPO, leaves, subprocess_env, tiny_config, train_rows
+from test_train import DEMO, REPO, cli_flags, leaves, subprocess_env, tiny_config, train_rows, wait_for_step
 
 MANUAL = {"RETINA_JAX_DISTRIBUTED": "manual", "RETINA_JAX_COORDINATOR": "10.0.0.1:1234",
           "RETINA_JAX_NUM_PROCESSES": "4", "RETINA_JAX_PROCESS_ID": "3"}
@@ -107,58 +110,100 @@ def test_process_rows_split_every_global_batch_into_disjoint_parts():
 
 # test_train's tiny FLAIR run cut to 8 of its 12 scheduled steps (batch 16, checkpoints every 4; the
 # same compiled step) in one of two processes; process 0 then saves its final parameters.
+# `python -m retina_jax.main` (cli.trainer_from_flags, then train) that also leaves process 0's
+# final parameters in an .npz, to compare with what one process restores from the checkpoint.
 TRAIN_WORKER = """
+import os
 import sys
 import jax
 import numpy as np
-sys.path.insert(0, "tests")
-from retina_jax import distributed
-distributed.initialize()
-from test_train import tiny_config
-from retina_jax.train import Trainer
-trainer = Trainer(tiny_config(**{"eval.at_end": False, "train.epochs": 2.0}), sys.argv[1])  # SHORT
-trainer.train()
-if jax.process_index() == 0:
-    params = jax.tree.leaves(trainer.state.params)
-    np.savez(sys.argv[2], *[np.asarray(p.addressable_data(0)) for p in params])
+from absl import app
+from retina_jax import cli
+
+def main(argv):
+    trainer = cli.trainer_from_flags(argv)
+    trainer.train()
+    if jax.process_index() == 0:
+        np.savez(os.environ["PARAMS_NPZ"], *[np.asarray(p.addressable_data(0))
+                                             for p in jax.tree.leaves(trainer.state.params)])
+
+app.run(main)
 """
 
-
+# test_train's tiny FLAIR run cut to 8 steps (checkpoints at 4 and 8), without the final evaluation.
 SHORT = {"eval.at_end": False, "train.epochs": 2.0}
 
 
-def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
-    from retina_jax.train import Trainer
-    port, workdir, saved = free_port(), str(tmp_path / "two"), str(tmp_path / "params.npz")
+def _launch(workdir: str, port: int, npz: str, **extra) -> list[subprocess.Popen]:
+    """The same command on 2 local processes of 4 CPU devices each (what launch/multinode.sh runs)."""
     procs = []
     for i in range(2):
         env = {**subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                "RETINA_JAX_DISTRIBUTED": "manual", "RETINA_JAX_COORDINATOR": f"127.0.0.1:{port}",
-               "RETINA_JAX_NUM_PROCESSES": "2", "RETINA_JAX_PROCESS_ID": str(i)}
-        procs.append(subprocess.Popen([sys.executable, "-c", TRAIN_WORKER, workdir, saved], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    # Meanwhile the same run in this process on 8 devices (test_train's compiled step).
+               "RETINA_JAX_NUM_PROCESSES": "2", "RETINA_JAX_PROCESS_ID": str(i), "PARAMS_NPZ": npz}
+        cmd = [sys.executable, "-c", TRAIN_WORKER, f"--config={DEMO}", f"--workdir={workdir}", *cli_flags(**{**SHORT, **extra})]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def _finish(procs) -> list[str]:
+    errs = []
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"process {i}: {err[-4000:]}"
+        errs.append(err)
+    return errs
+
+
+def test_two_processes_stop_together_on_sigterm_resume_like_one_and_restore_on_other_meshes(tmp_path):
+    from retina_jax.train import Trainer
+    workdir, npz = str(tmp_path / "two"), str(tmp_path / "params.npz")
+    # SIGTERM to process 1 alone once step 2 is logged: both processes save the same step, exit 0.
+    procs = _launch(workdir, free_port(), npz)
+    wait_for_step(workdir, 2, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    errs = _finish(procs)
+    stops = [re.findall(r"stopped by signal (.+) at step (\d+); checkpoint saved", err) for err in errs]
+    assert stops[0] and stops[1], errs
+    assert stops[1][0][0] == "15" and stops[0][0][0] == "SIGTERM on another process"
+    stopped_at = int(stops[1][0][1])
+    assert int(stops[0][0][1]) == stopped_at and 2 <= stopped_at < 8
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    assert mngr.latest_step() == stopped_at
+    mngr.close()
+
+    # The same command again resumes there and finishes, then evaluates; meanwhile the 1-process,
+    # 8-device run.
+    procs = _launch(workdir, free_port(), npz, **{"eval.at_end": True})
     one = Trainer(tiny_config(**SHORT), str(tmp_path / "one"))
     one.train()
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-4000:]
+    one_eval = one.evaluate(one.state, 8)
+    _finish(procs)
+    assert json.load(open(os.path.join(workdir, "run_info.json")))["start_step"] == stopped_at
     two_rows, one_rows = train_rows(workdir), train_rows(one.workdir)
-    assert [r["step"] for r in two_rows] == list(range(1, 9))
+    assert [r["step"] for r in two_rows] == list(range(1, 9))  # each step once, across the stop
     np.testing.assert_allclose([r["train/loss"] for r in two_rows], [r["train/loss"] for r in one_rows],
                                rtol=2e-5)
-    # The 2-process checkpoints (steps 4, 8) restore in one process on 8 devices, exactly.
-    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-    assert mngr.all_steps() == [4, 8]
-    mngr.close()
-    restored = Trainer(tiny_config(**SHORT), workdir).restore_latest()
-    assert int(jax.device_get(restored.step)) == 8
-    want = np.load(saved)
-    for got, (name, value) in zip(leaves(restored.params), sorted(want.items(), key=lambda kv: int(kv[0][4:]))):
-        np.testing.assert_array_equal(got, value, err_msg=name)
+    # The evaluation's 48 held-out images in batches of 32: each process reads its half of every
+    # batch, the last one padded; the padding is masked out and no image is counted twice.
+    two_eval = json.load(open(os.path.join(workdir, "eval_synthetic_conditions.json")))
+    assert two_eval["num_examples"] == one_eval["num_examples"] == 48
+    assert abs(two_eval["auc"] - one_eval["auc"]) < 0.01 and abs(two_eval["aca"] - one_eval["aca"]) <= 1 / 48
+
+    # The final 2-process checkpoint restores in one process, on 8 replicated devices and on a
+    # 2 x 2 data x fsdp mesh (parameters split in two), to exactly the parameters process 0 held.
+    want = [value for _, value in sorted(np.load(npz).items(), key=lambda kv: int(kv[0][4:]))]
+    for mesh in ({}, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.param_sharding": "fsdp", "mesh.fsdp_min_size": 256}):
+        restored = Trainer(tiny_config(**SHORT, **mesh), workdir).restore_latest()
+        assert int(jax.device_get(restored.step)) == 8
+        kernel = restored.params["txt_proj"]["dense"]["kernel"]
+        assert kernel.sharding.shard_shape(kernel.shape) == ((64, 128) if mesh else (128, 128))
+        for got, value in zip(leaves(restored.params), want):
+            np.testing.assert_array_equal(got, value)
     # And they are the 1-process run's parameters up to float32 reduction order. Adam's normalised
     # steps carry that order into single small weights (a few of 1M differed by ~2e-4 after 12
     # steps), so each tensor is compared as a whole.
-    for got, ref in zip(leaves(restored.params), leaves(one.state.params)):
+    for got, ref in zip(want, leaves(one.state.params)):
         # (measured: at most 3e-4 of the norm; tensors still near zero differ by ~2e-7 absolute)
         assert np.linalg.norm(got - ref) <= 1e-3 * np.linalg.norm(ref) + 1e-5

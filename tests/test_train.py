@@ -1,4 +1,4 @@
-"""The trainer end to end: smoke run with zero-shot eval, kill -9 and resume, SIGTERM, other meshes,
+"""The trainer end to end: smoke run with zero-shot eval, kill -9 during a save and resume, other meshes,
 resume order (model_init), the evaluate CLI, and config validation."""
 import json
 import os
@@ -123,7 +123,7 @@ def test_end_to_end_demo_smoke(uninterrupted):
     mngr.close()
 
 
-def _wait_for_step(workdir, step, proc, timeout=240):
+def wait_for_step(workdir, step, proc, timeout=240):
     path = os.path.join(workdir, "metrics.jsonl")
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -137,6 +137,21 @@ def _wait_for_step(workdir, step, proc, timeout=240):
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def wait_for_save_in_flight(ckpt_dir, proc, timeout=240) -> str:
+    """The name of an orbax temporary step directory (a save still being written) seen while a
+    finalized checkpoint already exists."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"training process exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+        tmp = [n for n in names if "tmp" in n]
+        if tmp and any(n.isdigit() for n in names):
+            return tmp[0]
+        time.sleep(0.002)
+    raise AssertionError(f"no save in flight within {timeout} s")
+
+
 def _start_main(workdir, **extra):
     cmd = [sys.executable, "-m", "retina_jax.main", f"--config={DEMO}", f"--workdir={workdir}", *cli_flags(**extra)]
     return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -145,17 +160,25 @@ def _start_main(workdir, **extra):
 
 def test_killed_run_resumes_to_the_same_parameters_and_data_position(uninterrupted, tmp_path):
     reference, _, _ = uninterrupted
-    workdir = str(tmp_path / "killed")
-    # Killed with SIGKILL (no handler runs) right after the step-4 checkpoint.
-    # Synchronous saves (same numbers, only slower) make "step 5 logged" imply "step 4 saved".
-    proc = _start_main(workdir, **{"eval.at_end": False, "train.async_checkpoint": False})
-    _wait_for_step(workdir, 5, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
+    # Killed with SIGKILL (no handler runs) while an asynchronous save is being written: orbax
+    # writes each step into a temporary directory and renames it when complete, so the previous
+    # finalized checkpoint is the one that counts.
+    for attempt in range(3):  # the save seen in flight may complete before the kill lands: try again
+        workdir = str(tmp_path / f"killed{attempt}")
+        ckpt = checkpointing.checkpoint_dir(workdir)
+        proc = _start_main(workdir, **{"eval.at_end": False, "train.checkpoint_every": 1})
+        wait_for_save_in_flight(ckpt, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = [n for n in os.listdir(ckpt) if "tmp" in n]
+        if left:
+            break
+    assert left, "three kills all landed between saves"
+    mngr = checkpointing.manager(ckpt, read_only=True)
     killed_at = mngr.latest_step()
     mngr.close()
-    assert killed_at is not None and 4 <= killed_at < 12, killed_at
+    # The half-written step is ignored; the run resumes from the last complete one.
+    assert killed_at is not None and 1 <= killed_at < int(left[0].split(".")[0]) <= 12, (killed_at, left)
 
     resumed = Trainer(tiny_config(**{"eval.at_end": False}), workdir)
     resumed.train()
@@ -171,22 +194,6 @@ def test_killed_run_resumes_to_the_same_parameters_and_data_position(uninterrupt
     for r in read_metrics(os.path.join(workdir, "metrics.jsonl")):
         if "train/loss" in r and r["step"] > killed_at:
             assert r["train/loss"] == ref_rows[r["step"]]
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    workdir = str(tmp_path / "sigterm")
-    proc = _start_main(workdir, **{"train.checkpoint_every": 1000, "train.epochs": 50.0,
-                                   "optim.schedule_epochs": 50.0})
-    _wait_for_step(workdir, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "stopped by signal" in err
-    mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-    step = mngr.latest_step()
-    mngr.close()
-    logged = max(r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r)
-    assert step is not None and 2 <= step < 200 and step >= logged
 
 
 @pytest.mark.parametrize("devices_on_data_axis", [2, 1])

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 
 TEXT_POOLING_MODES = ("flair", "cls", "masked_mean")
 
+from retina_jax.models import maybe_remat
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -173,12 +175,14 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each layer (models.maybe_remat)
 
     @nn.compact
     def __call__(self, x, mask_bias, deterministic: bool):
         hidden_states = [x]
+        layer_cls = maybe_remat(BertLayer, self.remat, static_argnums=(3,))
         for i in range(self.config.num_hidden_layers):
-            x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, mask_bias, deterministic)
+            x = layer_cls(self.config, self.dtype, name=f"layer_{i}")(x, mask_bias, deterministic)
             hidden_states.append(x)
         return tuple(hidden_states)
 
@@ -202,10 +206,11 @@ class BertModel(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     def setup(self):
         self.embeddings = BertEmbeddings(self.config, self.dtype)
-        self.encoder = BertEncoder(self.config, self.dtype)
+        self.encoder = BertEncoder(self.config, self.dtype, self.remat)
         if self.config.add_pooler:
             self.pooler = BertPooler(self.config, self.dtype)
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retina_jax.models import maybe_remat
+
 
 class DecoderBlock(nn.Module):
     width: int
@@ -52,6 +54,7 @@ class CaptionDecoder(nn.Module):
     mlp_dim: int = 2048
     dropout: float = 0.1
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each block (models.maybe_remat)
 
     @nn.compact
     def __call__(self, tokens, image_tokens, deterministic: bool = True):
@@ -66,8 +69,9 @@ class CaptionDecoder(nn.Module):
         # Padding after the end token needs no key mask: causality already hides it from every real
         # position, and the loss ignores the padded positions themselves.
         causal = nn.make_causal_mask(tokens)  # [B, 1, L, L]
+        block_cls = maybe_remat(DecoderBlock, self.remat, static_argnums=(4,))
         for i in range(self.layers):
-            x = DecoderBlock(self.width, self.heads, self.mlp_dim, self.dropout, self.dtype, name=f"block_{i}")(
+            x = block_cls(self.width, self.heads, self.mlp_dim, self.dropout, self.dtype, name=f"block_{i}")(
                 x, memory, causal, deterministic)
         x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
         return nn.Dense(self.vocab_size, dtype=jnp.float32, name="logits")(x.astype(jnp.float32))

@@ -35,6 +35,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax.models import maybe_remat
 from retina_jax.models.resnet import _Blocks
 from retina_jax.models.vit import attend
 
@@ -116,6 +117,7 @@ class ModifiedResNet(nn.Module):
     output_dim: int = 1024
     image_size: int = 224
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each block (models.maybe_remat)
 
     @property
     def grid(self) -> int:
@@ -144,10 +146,11 @@ class ModifiedResNet(nn.Module):
         x = nn.relu(bn(name="bn3")(conv(self.width, 3, 1, name="conv3")(x)))
         maps = [x]
         x = _avg_pool(x, 2)  # [B, H/4, W/4, width]
+        block_cls = maybe_remat(Bottleneck, self.remat, static_argnums=(2,))
         for i, num_blocks in enumerate(self.layers):
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x = Bottleneck(self.width * 2 ** i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
+                x = block_cls(self.width * 2 ** i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
                     x, train)
             maps.append(x)
         b, h, w, c = x.shape  # [B, H/32, W/32, 32 * width]

@@ -39,9 +39,10 @@ class MaskedLM(nn.Module):
 
     txt_config: BertConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     def setup(self):
-        self.txt = BertModel(self.txt_config, self.dtype)
+        self.txt = BertModel(self.txt_config, self.dtype, self.remat)
         self.mlm_head = MlmHead(self.txt_config, self.dtype)
 
     def __call__(self, input_ids, attention_mask, train: bool = False):

@@ -34,6 +34,8 @@ _STAGE_SIZES = {
 }
 _BOTTLENECK_DEPTHS = (50, 101, 152)
 
+from retina_jax.models import maybe_remat
+
 # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), an UNtruncated
 # normal with std sqrt(2 / fan_out). In jax's variance_scaling 'normal' is the untruncated one
 # ('truncated_normal' is the truncated one).
@@ -124,6 +126,7 @@ class ResNet(nn.Module):
     stage_sizes: tuple[int, ...] | None = None
     bottleneck: bool | None = None
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each block (models.maybe_remat)
 
     def _stage_sizes(self) -> tuple[int, ...]:
         if self.stage_sizes is not None:
@@ -150,7 +153,7 @@ class ResNet(nn.Module):
         (strides 4, 8, ...), compute dtype; the skip connections of models/segmentation.py."""
         if spatial and stages:
             raise ValueError("ResNet: ask for either spatial tokens or stage maps, not both")
-        block_cls = Bottleneck if self._is_bottleneck() else BasicBlock
+        block_cls = maybe_remat(Bottleneck if self._is_bottleneck() else BasicBlock, self.remat, static_argnums=(2,))
         x = x.astype(self.dtype)  # [B, H, W, 3]
         x = _Blocks.conv(self.width, 7, 2, self.dtype, "conv1")(x)  # [B, H/2, W/2, width]
         x = nn.relu(_Blocks.bn(train, self.dtype, "bn1")(x))

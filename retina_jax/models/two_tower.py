@@ -73,10 +73,11 @@ class TwoTower(nn.Module):
     knowledge: KnowledgeAttention | None = None
     decoder: CaptionDecoder | None = None
     dtype: Any = jnp.float32
+    remat: bool = False  # the text tower's layers (the image tower and decoder carry their own switch)
 
     def setup(self):
         # Submodule attribute names become the param tree names.
-        self.txt = TextEncoder(config=self.txt_config, pooling=self.text_pooling, dtype=self.dtype)
+        self.txt = TextEncoder(config=self.txt_config, pooling=self.text_pooling, dtype=self.dtype, remat=self.remat)
         self.img_proj = Projection(self.embed_dim, self.img_projection, dtype=self.dtype)
         self.txt_proj = Projection(self.embed_dim, self.txt_projection, dtype=self.dtype)
         self.logit_scale = self.param("logit_scale", lambda _: jnp.asarray(self.logit_scale_init, jnp.float32))
@@ -126,19 +127,20 @@ class TwoTower(nn.Module):
         return out
 
 
-def build_image_tower(img_config, image_size: int, dtype=jnp.float32) -> nn.Module:
-    """The image tower `config.model.img` names; `image_size` fixes the CLIP towers' position grids."""
+def build_image_tower(img_config, image_size: int, dtype=jnp.float32, remat: bool = False) -> nn.Module:
+    """The image tower `config.model.img` names; `image_size` fixes the CLIP towers' position grids;
+    `remat` rematerialises each of its blocks (`config.model.remat`)."""
     if img_config.name == "resnet":
         return ResNet(depth=img_config.depth, width=img_config.width,
-                      stage_sizes=tuple(img_config.stage_sizes) or None, dtype=dtype)
+                      stage_sizes=tuple(img_config.stage_sizes) or None, dtype=dtype, remat=remat)
     if img_config.name == "clip_resnet":
         c = img_config.clip_resnet
         return ModifiedResNet(layers=tuple(c.layers), width=c.width, heads=c.heads, output_dim=c.output_dim,
-                              image_size=image_size, dtype=dtype)
+                              image_size=image_size, dtype=dtype, remat=remat)
     if img_config.name == "vit":
         c = img_config.vit
         return VisionTransformer(patch_size=c.patch_size, width=c.width, layers=c.layers, heads=c.heads,
-                                 mlp_dim=c.mlp_dim, image_size=image_size, dtype=dtype)
+                                 mlp_dim=c.mlp_dim, image_size=image_size, dtype=dtype, remat=remat)
     raise ValueError(f"config.model.img.name={img_config.name!r} not in {IMAGE_TOWERS}")
 
 
@@ -164,8 +166,8 @@ def build_model(model_config, vocab_size: int, image_size: int, max_len: int | N
     if m.decoder.enabled:
         d = m.decoder
         decoder = CaptionDecoder(vocab_size=vocab_size, max_len=max_len or m.txt.max_position_embeddings, width=d.width, layers=d.layers, heads=d.heads,
-                                 mlp_dim=d.mlp_dim, dropout=d.dropout, dtype=dtype)
-    return TwoTower(img=build_image_tower(m.img, image_size, dtype), txt_config=text_config(m.txt, vocab_size),
+                                 mlp_dim=d.mlp_dim, dropout=d.dropout, dtype=dtype, remat=m.remat)
+    return TwoTower(img=build_image_tower(m.img, image_size, dtype, m.remat), txt_config=text_config(m.txt, vocab_size),
                     text_pooling=m.txt.pooling, embed_dim=m.embed_dim, img_projection=m.img_projection,
                     txt_projection=m.txt_projection, logit_scale_init=m.logit_scale_init, knowledge=knowledge,
-                    decoder=decoder, dtype=dtype)
+                    decoder=decoder, dtype=dtype, remat=m.remat)

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retina_jax.models import maybe_remat
+
 # torch's default Conv2d init (kaiming_uniform, a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -143,6 +145,7 @@ class VisionTransformer(nn.Module):
     mlp_dim: int | None = None
     image_size: int = 224
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each block (models.maybe_remat)
 
     @property
     def grid(self) -> int:
@@ -187,8 +190,9 @@ class VisionTransformer(nn.Module):
         attn_std, fc_std = scale, (2 * self.width) ** -0.5
         proj_std = scale * (2 * self.layers) ** -0.5
         grids = []
+        block_cls = maybe_remat(ResidualAttentionBlock, self.remat)
         for i in range(self.layers):
-            x = ResidualAttentionBlock(self.heads, self.mlp_dim or 4 * self.width, attn_std,
+            x = block_cls(self.heads, self.mlp_dim or 4 * self.width, attn_std,
                                        proj_std, fc_std, self.dtype, name=f"resblocks_{i}")(x)
             if stages:
                 grids.append(x[:, 1:].reshape(b, g, g, self.width))  # row-major, as patchified
