@@ -6,15 +6,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Many tests build a Trainer for the same tiny configs (a run, then its crashed and resumed twin), in
+# this process, in the other pytest-xdist worker and in subprocesses (the CLI, 2-process runs, the
+# notebook's kernel): one persistent compilation cache per test session, set through the
+# environment so every one of them compiles each identical program once. A size limit turns on
+# jax's file lock around cache reads and writes, which processes sharing the cache need.
+_session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("RETINA_JAX_TEST_COMPILE_CACHE",
+                      os.path.join(tempfile.gettempdir(), f"retina_jax_xla_cache_{_session}"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["RETINA_JAX_TEST_COMPILE_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2 ** 30)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
-# Many tests build a Trainer for the same tiny configs (a run, then its crashed and resumed twin):
-# a persistent compilation cache for the session compiles each identical program once.
-_cache = os.environ.get("RETINA_JAX_TEST_COMPILE_CACHE") or tempfile.mkdtemp(prefix="retina_jax_xla_cache_")
-jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402

@@ -141,6 +141,9 @@ def _launch(workdir: str, port: int, npz: str, **extra) -> list[subprocess.Popen
         env = {**subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                "RETINA_JAX_DISTRIBUTED": "manual", "RETINA_JAX_COORDINATOR": f"127.0.0.1:{port}",
                "RETINA_JAX_NUM_PROCESSES": "2", "RETINA_JAX_PROCESS_ID": str(i), "PARAMS_NPZ": npz}
+        # No shared compilation cache: a process that loads the step from it would reach the first
+        # collective long before one still compiling, past gloo's fixed 30 s rendezvous timeout.
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
         cmd = [sys.executable, "-c", TRAIN_WORKER, f"--config={DEMO}", f"--workdir={workdir}", *cli_flags(**{**SHORT, **extra})]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
