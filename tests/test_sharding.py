@@ -177,3 +177,41 @@ def test_remat_gives_identical_losses(replicated_run, tmp_path):
     # (tiny: 4 ResNet blocks, 2 BERT layers).
     jaxpr = str(jax.make_jaxpr(trainer.loss_and_grads)(trainer.init_state(), _global(trainer, batches[0])))
     assert jaxpr.count("remat") == 6
+
+
+@pytest.mark.parametrize("tower", ["vit", "clip_resnet", "decoder"])
+def test_remat_switch_of_the_other_towers_changes_no_number(tower):
+    """The trainer test above covers the ResNet and BERT; the CLIP towers and KeepFIT V2's decoder
+    carry the same switch."""
+    from retina_jax.models.caption_decoder import CaptionDecoder
+    from retina_jax.models.clip_resnet import ModifiedResNet
+    from retina_jax.models.vit import VisionTransformer
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+    tokens, memory = jnp.asarray(rng.integers(1, 20, size=(2, 5)), jnp.int32), jnp.ones((2, 4, 16))
+    results = []
+    for remat in (False, True):
+        if tower == "vit":
+            model = VisionTransformer(patch_size=8, width=32, layers=2, heads=2, image_size=32, remat=remat)
+            args, kwargs = (image,), {}
+        elif tower == "clip_resnet":
+            model = ModifiedResNet(layers=(1, 1, 1, 1), width=8, heads=2, output_dim=16, image_size=32, remat=remat)
+            args, kwargs = (image,), {"train": True, "mutable": ["batch_stats"]}
+        else:
+            model = CaptionDecoder(vocab_size=20, max_len=8, width=16, layers=2, heads=2, mlp_dim=32, remat=remat)
+            args, kwargs = (tokens, memory), {"deterministic": False, "rngs": {"dropout": jax.random.key(1)}}
+        variables = model.init(jax.random.key(0), *args)
+
+        def loss(params):
+            out = model.apply({**variables, "params": params}, *args, **kwargs)
+            return jnp.sum((out[0] if isinstance(out, tuple) else out) ** 2)
+
+        results.append(jax.value_and_grad(loss)(variables["params"]))
+        if remat:
+            blocks = 4 if tower == "clip_resnet" else 2
+            assert str(jax.make_jaxpr(loss)(variables["params"])).count("remat") == blocks  # one per block
+    (value, grads), (value_remat, grads_remat) = results
+    np.testing.assert_allclose(value_remat, value, rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    for a, b in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)

@@ -22,9 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-TEXT_POOLING_MODES = ("flair", "cls", "masked_mean")
-
 from retina_jax.models import maybe_remat
+
+TEXT_POOLING_MODES = ("flair", "cls", "masked_mean")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax.models import maybe_remat
+
 # torchvision block counts per depth, and whether the depth uses bottleneck blocks.
 _STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -33,8 +35,6 @@ _STAGE_SIZES = {
     152: (3, 8, 36, 3),
 }
 _BOTTLENECK_DEPTHS = (50, 101, 152)
-
-from retina_jax.models import maybe_remat
 
 # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), an UNtruncated
 # normal with std sqrt(2 / fan_out). In jax's variance_scaling 'normal' is the untruncated one

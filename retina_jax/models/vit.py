@@ -192,8 +192,8 @@ class VisionTransformer(nn.Module):
         grids = []
         block_cls = maybe_remat(ResidualAttentionBlock, self.remat)
         for i in range(self.layers):
-            x = block_cls(self.heads, self.mlp_dim or 4 * self.width, attn_std,
-                                       proj_std, fc_std, self.dtype, name=f"resblocks_{i}")(x)
+            x = block_cls(self.heads, self.mlp_dim or 4 * self.width, attn_std, proj_std, fc_std, self.dtype,
+                          name=f"resblocks_{i}")(x)
             if stages:
                 grids.append(x[:, 1:].reshape(b, g, g, self.width))  # row-major, as patchified
         pooled = layer_norm(self.dtype, "ln_post")(x[:, 0]).astype(jnp.float32)  # [B, width]
