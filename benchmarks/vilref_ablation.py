@@ -38,6 +38,7 @@ VARIANTS = {
     "wscl": {},
     "wscl_queue": {**QUEUE, "momentum.key_features": "momentum"},
     "wscl_queue_online_keys": {**QUEUE, "momentum.key_features": "online"},
+    "wscl_momentum_keys": {"momentum.enabled": True, "momentum.decay": 0.95, "momentum.key_features": "momentum"},
 }
 REPORTED = ("aca", "auc", "f1", "linear_probe/macro_auc", "linear_probe/map")
 
@@ -56,7 +57,7 @@ def main():
     results = {}
     for name in args.variants.split(","):
         config = config_lib.load(os.path.join(REPO, "configs", "vilref.py") + f":demo,steps_scale={args.steps_scale}")
-        config_lib.override(config, {"data.synthetic.comorbidity_prob": 0.0, **common, **VARIANTS[name]})
+        config_lib.override(config, {"data.synthetic.comorbidity_prob": 0.0, **VARIANTS[name], **common})
         t0 = time.time()
         trainer = Trainer(config, os.path.join(args.workdir, name))
         result = trainer.train()

@@ -295,6 +295,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Keys of the current batch: the momentum model's features ('momentum', ALBEF; configs/vilref.py)
     # or the online ones (the only choice without a momentum model).
     c.momentum.key_features = "online"
+    # 'constant' (ALBEF, ViLReF) or 'cosine': the momentum rises from `decay` to 1.0 over the run (BYOL).
+    c.momentum.schedule = "constant"
+    # The queue is neither read nor written before this step; at it the momentum towers restart as
+    # copies of the online ones and the queue fills afresh (SwAV's epoch_queue_starts; 0 = from the start).
+    c.momentum.queue_start_step = 0
+    # The queue may hold at most this fraction of the training set (ViLReF 65,536 of 451,956 pairs =
+    # 0.145; MoCo 0.05): a queue near the dataset size holds every example's own stale key.
+    c.momentum.queue_max_fraction = 0.25
 
     # ---------------------------------------------------------------------------------- optim
     c.optim = ml_collections.ConfigDict()

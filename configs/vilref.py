@@ -1,24 +1,38 @@
-r"""ViLReF pretraining (Yang et al., 2024; METHODS.md section 4).
+r"""ViLReF pretraining (Yang et al., 2024; docs/methods.md, "ViLReF"), in two stages.
 
-Paper settings: CLIP-layout ViT-B/16 at 224 px + Chinese RoBERTa-wwm-ext-base ([CLS] pooling,
-linear projections to 512, context 100), global batch 256, WSCL with momentum encoders (m 0.995)
-and a 65,536-entry queue, AdamW lr 3e-5 betas (0.9, 0.98) eps 1e-6 wd 0.001 (biases, norms,
-1-d params and logit_scale excluded, as Chinese-CLIP), 100 warm-up steps then cosine to 0 over
-20 epochs; RandomResizedCrop(scale 0.9-1), flip and colour jitter 0.1; CLIP mean/std.
+Stage `clip` (`:stage=clip`) is the pretrained start ViLReF assumes: ViLReF trains from Chinese-CLIP
+weights (its released train.sh resumes `clip_cn_vit-b-16.pt`), so this stage trains the same towers
+with plain CLIP InfoNCE on the image-report pairs (no labels, no momentum model, no queue): a
+Chinese-CLIP stand-in on the same data. Stage `vilref` (the default) is the paper's method from that
+start (`model_init`, with its vocabulary): WSCL with momentum encoders and the queue, at ViLReF's
+lower learning rate.
 
-  python -m retina_jax.main --config configs/vilref.py --workdir /ckpt/vilref \
-      --config.text.tokenizer=/models/chinese-roberta-wwm-ext
-  python -m retina_jax.main --config configs/vilref.py:rn50 --workdir /ckpt/vilref_rn50
+Paper settings (stage `vilref`): CLIP-layout ViT-B/16 at 224 px + Chinese RoBERTa-wwm-ext-base
+([CLS] pooling, linear projections to 512, context 100), global batch 256, WSCL with momentum
+encoders (m 0.995) and a 65,536-entry queue, AdamW lr 3e-5 betas (0.9, 0.98) eps 1e-6 wd 0.001
+(biases, norms, 1-d params and logit_scale excluded, as Chinese-CLIP), 100 warm-up steps then
+cosine to 0 over 20 epochs; RandomResizedCrop(scale 0.9-1), flip and colour jitter 0.1; CLIP
+mean/std. The real start is a converted Chinese-CLIP checkpoint (README, "Pretrained checkpoints"):
+
+  python -m retina_jax.convert --from vilref clip_cn_vit-b-16.pt --tokenizer chinese-roberta-wwm-ext/ \
+      --out ckpt/chinese_clip
+  python -m retina_jax.main --config configs/vilref.py:clip_workdir=ckpt/chinese_clip --workdir /ckpt/vilref
+  python -m retina_jax.main --config configs/vilref.py:rn50,clip_workdir=ckpt/chinese_clip_rn50 ...
+
+or, without one, stage `clip` on your own data first (`:stage=clip` into a workdir, then
+`:clip_workdir=<that workdir>`). With no data path both stages train on the synthetic corpus's
+Chinese reports, labelled by the expert keyword extractor. Without `text.tokenizer` stage `clip`
+learns a character-level Chinese vocabulary from the corpus (Chinese characters are one token
+each, as RoBERTa-wwm-ext's BERT tokenizer splits them) and stage `vilref` reuses it.
+
+The CPU demo (`make demo`, about 10 minutes on 2 cores) runs both stages on tiny towers:
+
+  python -m retina_jax.main --config configs/vilref.py:stage=clip,demo --workdir workdirs/vilref_clip_demo
   python -m retina_jax.main --config configs/vilref.py:demo --workdir workdirs/vilref_demo
 
-With no data path it trains on the synthetic corpus's Chinese reports, labelled by the expert
-keyword extractor. Without `text.tokenizer` a character-level Chinese vocabulary is learned from the
-corpus (Chinese characters are one token each, as RoBERTa-wwm-ext's BERT tokenizer splits them).
-
-`:demo` trains tiny towers for a few minutes on a CPU and reports Chinese zero-shot and multi-label
-linear-probe figures (benchmarks/RESULTS.md); it trains WSCL without the momentum queue, which
-lowered the figures at demo scale (see the comment below). `:rn50` swaps in CLIP's ModifiedResNet-50 (1024-d
-attention-pool output used directly as the embedding, as Chinese-CLIP RN50).
+`seed=N` sets the run's seed (initialisation, data order, augmentation; benchmarks/RESULTS.md
+reports the demo over seeds 0-2); `steps_scale` scales the demo's epochs. `:rn50` swaps in CLIP's
+ModifiedResNet-50 (1024-d attention-pool output used directly as the embedding, as Chinese-CLIP RN50).
 """
 from configs import common
 
@@ -27,12 +41,24 @@ from configs import common
 # ViT class embedding).
 WD_EXCLUDE = (r"bias$", r"scale$", r"class_embedding$", r"(^|/)(bn|ln)")
 ZH_TEMPLATES = ("诊断：{}。", "眼底彩照：{}。", "{}")
+STAGES = ("clip", "vilref")
+DEMO_CLIP_WORKDIR = "workdirs/vilref_clip_demo"
+
+
+# The demo's stage lengths and stage-`vilref` settings (benchmarks/RESULTS.md, "ViLReF demo").
+DEMO_CLIP_EPOCHS = 3.0
+DEMO_VILREF_EPOCHS = 3.0
+DEMO_VILREF_LR = 3e-4
+DEMO_MOMENTUM = 0.99
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, demo=False, rn50=False, steps_scale=1.0)
+    arg = common.parse_arg(arg, stage="vilref", demo=False, rn50=False, steps_scale=1.0, seed=0, clip_workdir="")
+    if arg.stage not in STAGES:
+        raise ValueError(f"configs/vilref.py: stage={arg.stage!r}; allowed: {', '.join(STAGES)}")
     c = common.get_config()
     c.method = "vilref"
+    c.seed = arg.seed
 
     # Data: image + Chinese report + labels extracted from the report.
     c.data.stream = "reports"
@@ -93,11 +119,33 @@ def get_config(arg=None):
         c.model.img.name = "clip_resnet"
         c.model.embed_dim = 1024
         c.model.img_projection = "none"
-    if not arg.demo:
-        return c
+    if arg.demo:
+        _demo(c, arg)
+    return _clip_stage(c) if arg.stage == "clip" else _vilref_stage(c, arg)
 
-    # CPU demo: tiny towers at 96 px and a small corpus; WSCL, the extracted labels, the
-    # augmentations and the logit_scale quirks are the paper's.
+
+def _clip_stage(c):
+    """The Chinese-CLIP stand-in: the same towers, data and optimizer, CLIP InfoNCE on the pairs."""
+    c.loss.name = "clip"
+    c.momentum.enabled = False
+    c.momentum.key_features = "online"
+    c.momentum.queue_size = 0
+    c.model.logit_scale_reset = False  # a run from scratch starts at the initial value anyway
+    return c
+
+
+def _vilref_stage(c, arg):
+    """ViLReF from the stage-`clip` (or converted Chinese-CLIP) start, with its vocabulary."""
+    clip_workdir = arg.clip_workdir or (DEMO_CLIP_WORKDIR if arg.demo else "")
+    if clip_workdir:
+        c.model_init = clip_workdir
+        c.text.tokenizer = f"{clip_workdir}/tokenizer"
+    return c
+
+
+def _demo(c, arg):
+    """CPU demo: tiny towers at 96 px and a small corpus; WSCL, the extracted labels, the
+    augmentations and the logit_scale quirks are the paper's."""
     common.cpu_demo(c)
     c.data.reports.coverage_size = 4096
     c.text.vocab_corpus_size = 1000
@@ -108,19 +156,16 @@ def get_config(arg=None):
     c.model.img.clip_resnet.output_dim = 128
     c.model.img_projection = "linear"
     c.model.txt.max_position_embeddings = 128
-    # Momentum encoders and the queue are OFF in the demo: at this scale (random init, 384 steps,
-    # lr 1e-3) they lowered every figure in benchmarks/vilref_ablation.py (RESULTS.md), with the
-    # loss climbing back towards chance as the learning rate decays (the paper's m = 0.995
-    # averages over ~200 steps, half this run; m = 0.95 did not fix it). WSCL with online keys is
-    # the best measured demo setting; `--config.momentum.enabled=true
-    # --config.momentum.key_features=momentum --config.momentum.queue_size=512` runs the full method.
-    c.momentum.enabled = False
-    c.momentum.key_features = "online"
-    c.momentum.queue_size = 0
-    c.momentum.decay = 0.95
-    c.optim.warmup_steps = 32
-    c.optim.schedule_epochs = 6.0 * arg.steps_scale
-    c.train.epochs = 6.0 * arg.steps_scale
     c.eval.linear_probe.train_size = 1000
     c.eval.linear_probe.test_size = 500
-    return c
+    epochs = (DEMO_CLIP_EPOCHS if arg.stage == "clip" else DEMO_VILREF_EPOCHS) * arg.steps_scale
+    c.optim.schedule_epochs = epochs
+    c.train.epochs = epochs
+    c.optim.warmup_steps = 32
+    if arg.stage == "vilref":
+        # ViLReF's relative settings on the pretrained start: a learning rate below the start's
+        # (3e-5 after Chinese-CLIP's 1e-4), the momentum queue at 1/8 of the 4,096 images.
+        c.optim.lr = DEMO_VILREF_LR
+        c.optim.warmup_steps = 16
+        c.momentum.decay = DEMO_MOMENTUM
+        c.momentum.queue_size = 512

@@ -18,7 +18,7 @@ from retina_jax.data.synthetic import MODALITIES
 from retina_jax.data.transforms import AUGMENT_KINDS, PREPROCESS_MODES
 from retina_jax.evals.zeroshot import LANGUAGES as PROMPT_LANGUAGES
 from retina_jax.losses import WSCL_COUPLINGS
-from retina_jax.momentum import check_queue_size
+from retina_jax.momentum import SCHEDULES as MOMENTUM_SCHEDULES, check_queue_size
 from retina_jax.models.bert import TEXT_POOLING_MODES
 from retina_jax.models.knowledge import KNOWLEDGE_SOFTMAX_AXES
 from retina_jax.models.two_tower import IMAGE_TOWERS, PROJECTIONS
@@ -220,6 +220,11 @@ def validate(config, num_devices: int) -> None:
         except ValueError as e:
             check(False, "momentum.queue_size", f"{e} (data.batch_size)")
     check(m.queue_size >= 0, "momentum.queue_size", "must be >= 0 (0 = no queue)")
+    check(m.schedule in MOMENTUM_SCHEDULES, "momentum.schedule", f"{m.schedule!r} not in {MOMENTUM_SCHEDULES}")
+    check(m.queue_start_step >= 0, "momentum.queue_start_step", "must be >= 0 (0 = the queue from the first step)")
+    check(not m.queue_start_step or (m.enabled and m.queue_size > 0), "momentum.queue_start_step",
+          "needs momentum.enabled=True and momentum.queue_size > 0")
+    check(0.0 < m.queue_max_fraction <= 1.0, "momentum.queue_max_fraction", "must be in (0, 1]")
     check(config.model.logit_scale_clamp in LOGIT_SCALE_CLAMPS, "model.logit_scale_clamp",
           f"{config.model.logit_scale_clamp!r} not in {LOGIT_SCALE_CLAMPS}")
     check(config.eval.zero_shot.language in PROMPT_LANGUAGES, "eval.zero_shot.language",

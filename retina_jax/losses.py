@@ -244,3 +244,33 @@ def wscl_loss(zimg: jax.Array, ztxt: jax.Array, labels: jax.Array, logit_scale: 
         return _wscl_direction(z, soft, alpha)
 
     return 0.5 * (direction(zimg, keys_txt, momentum_img) + direction(ztxt, keys_img, momentum_txt))
+
+
+def wscl_statistics(zimg: jax.Array, keys_txt: jax.Array, labels: jax.Array, logit_scale: jax.Array, *,
+                    queue_txt: jax.Array | None = None, queue_labels: jax.Array | None = None,
+                    queue_valid: jax.Array | None = None, coupling: str = "similarity") -> dict:
+    """What the image-to-text direction of `wscl_loss` does with its keys (docs/methods.md, ViLReF):
+
+    - `false_neg_batch` / `false_neg_queue`: the fraction of in-batch negatives (B - 1 per row) and
+      of valid queue slots dropped as false negatives (same label set);
+    - `queue_mass`: the softmax probability the rows put on the queue's columns (0 without a queue).
+
+    Metrics only: every input is detached.
+    """
+    zimg, keys_txt, labels = (jax.lax.stop_gradient(a) for a in (zimg, keys_txt, labels))
+    scale = jnp.exp(clamp_logit_scale(jax.lax.stop_gradient(logit_scale)))
+    b = zimg.shape[0]
+    in_batch = label_cosine(labels, labels) >= 1.0 - 1e-6  # [B, B], the diagonal included
+    stats = {"false_neg_batch": (jnp.sum(in_batch) - b) / max(b * (b - 1), 1)}
+    if queue_txt is None:
+        return {**stats, "false_neg_queue": jnp.zeros(()), "queue_mass": jnp.zeros(())}
+    valid = queue_valid.astype(bool)
+    keys = jnp.concatenate([keys_txt, queue_txt])
+    key_labels = jnp.concatenate([labels, queue_labels.astype(labels.dtype)])
+    key_valid = jnp.concatenate([jnp.ones((b,), bool), valid])
+    label_sim = label_cosine(labels, key_labels)
+    probs = jax.nn.softmax(wscl_logits(zimg @ keys.T, label_sim, key_valid, scale, coupling), axis=-1)  # [B, K]
+    queue_fn = (label_sim[:, b:] >= 1.0 - 1e-6) & valid[None, :]
+    stats["false_neg_queue"] = jnp.sum(queue_fn) / jnp.maximum(b * jnp.sum(valid), 1)
+    stats["queue_mass"] = jnp.mean(jnp.sum(probs[:, b:], axis=-1))
+    return stats

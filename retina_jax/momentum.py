@@ -3,6 +3,8 @@
 
 - `ema_update`: `p_m <- m * p_m + (1 - m) * p` over a whole parameter tree (same tree, same
   shardings as the online parameters); the momentum copy never receives gradients.
+- `decay_at`: the momentum of a step: constant (ALBEF, ViLReF) or raised to 1 on a half cosine
+  over the run (BYOL, DINO): `m_t = 1 - (1 - m) * (cos(pi * t / T) + 1) / 2`.
 - `Queues`: replicated ring buffers of the momentum image/text features, their label vectors and a
   validity mask, with a write pointer. `enqueue` writes the WHOLE global batch at `[ptr, ptr + B)`
   and advances `ptr = (ptr + B) % Q`; Q must be a multiple of the global batch so a write never
@@ -13,15 +15,29 @@ Both are pure functions for use inside the jitted train step; every input is und
 """
 from __future__ import annotations
 
+import math
+
 import flax
 import jax
 import jax.numpy as jnp
+
+SCHEDULES = ("constant", "cosine")
 
 
 def ema_update(ema_params, params, momentum: float):
     """m * ema + (1 - m) * params, leaf by leaf (params under stop_gradient)."""
     return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * jax.lax.stop_gradient(p).astype(e.dtype),
                         ema_params, params)
+
+
+def decay_at(step, base: float, schedule: str, total_steps: int):
+    """The momentum used at `step` (0-based) of a `total_steps` run."""
+    if schedule == "constant":
+        return jnp.asarray(base, jnp.float32)
+    if schedule != "cosine":
+        raise ValueError(f"unknown momentum schedule {schedule!r}; allowed: {SCHEDULES}")
+    progress = jnp.asarray(step, jnp.float32) / max(total_steps, 1)
+    return 1.0 - (1.0 - base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
 
 
 @flax.struct.dataclass
@@ -59,3 +75,30 @@ def enqueue(queues: Queues, img: jax.Array, txt: jax.Array, labels: jax.Array) -
     return Queues(img=write(queues.img, img), txt=write(queues.txt, txt), labels=write(queues.labels, labels),
                   valid=write(queues.valid, jnp.ones((batch,), bool)),
                   ptr=((queues.ptr + batch) % queues.size).astype(jnp.int32))
+
+
+def restart_at(queues: Queues, step, start: int) -> Queues:
+    """Empty the queue at step `start` (`momentum.queue_start_step`), so it fills afresh from the
+    re-synced momentum model; unchanged at every other step, and always when `start` is 0."""
+    if not start:
+        return queues
+    fresh = jnp.asarray(step) == start
+    return queues.replace(valid=queues.valid & ~fresh, ptr=jnp.where(fresh, 0, queues.ptr).astype(jnp.int32))
+
+
+def enqueue_from(queues: Queues, step, start: int, img: jax.Array, txt: jax.Array, labels: jax.Array) -> Queues:
+    """`enqueue` from step `start` on; before it the queue is left untouched (never written)."""
+    written = enqueue(queues, img, txt, labels)
+    if not start:
+        return written
+    active = jnp.asarray(step) >= start
+    return jax.tree.map(lambda new, old: jnp.where(active, new, old), written, queues)
+
+
+def resync_at(ema_params, params, step, start: int):
+    """At step `start` the momentum model restarts as a copy of the online one (its EMA history is
+    dropped, as if the run began there); unchanged at every other step."""
+    if not start:
+        return ema_params
+    fresh = jnp.asarray(step) == start
+    return jax.tree.map(lambda e, p: jnp.where(fresh, jax.lax.stop_gradient(p).astype(e.dtype), e), ema_params, params)

@@ -29,7 +29,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from retina_jax import checkpointing, losses, momentum, sharding
-from retina_jax.config import validate
+from retina_jax.config import ConfigError, validate
 from retina_jax.data import files, pipeline
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.evals import metrics as eval_metrics
@@ -73,7 +73,9 @@ class Trainer:
         else:
             self.model = build_model(config.model, self.tokenize.vocab_size, config.data.image_size,
                                      config.text.max_len)
-            self.steps_per_epoch = max(1, pipeline.train_size(config, self.datasets) // self.global_batch)
+            train_size = pipeline.train_size(config, self.datasets)
+            self.steps_per_epoch = max(1, train_size // self.global_batch)
+            _check_queue_fraction(config.momentum, train_size)
         self.num_labels = pipeline.num_labels(config)
         self.total_steps = max(1, int(round(config.train.epochs * self.steps_per_epoch)))
         self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
@@ -127,11 +129,14 @@ class Trainer:
     def restore_or_init(self, mngr, data_iter) -> TrainState:
         """The resume order of ARCHITECTURE.md: own workdir > config.resume > config.model_init > scratch.
 
-        With `model.logit_scale_reset` (ViLReF's quirk) the temperature then restarts at its initial
-        value, in the online and the momentum parameters, whatever the checkpoint held.
+        With `model.logit_scale_reset` (ViLReF's quirk) the temperature restarts at its initial value,
+        in the online and the momentum parameters, whenever a run STARTS (from scratch, `model_init`
+        or `config.resume`), but not when a run resumes from its own workdir after an interruption:
+        that resume continues bit-identically (docs/methods.md, ViLReF quirks).
         """
         self.skipped_examples = len(self.bad_rows)  # a resumed run reads its count from the checkpoint
-        if mngr.latest_step() is not None:
+        own_resume = mngr.latest_step() is not None
+        if own_resume:
             logging.info("resuming from %s step %d", mngr.directory, mngr.latest_step())
             state = checkpointing.restore(mngr, self.abstract_state, data_iter)
             self.skipped_examples = checkpointing.restore_meta(mngr).get("skipped_examples", 0)
@@ -151,7 +156,7 @@ class Trainer:
                 # The momentum model starts as a copy of whatever the online model starts from.
                 ema_params = jax.tree.map(jnp.copy, params) if self.config.momentum.enabled else {}
                 state = state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
-        if self.config.model.logit_scale_reset and not self.config.mlm.enabled:
+        if self.config.model.logit_scale_reset and not self.config.mlm.enabled and not own_resume:
             state = self._reset_logit_scale(state)
         return state
 
@@ -188,11 +193,26 @@ class Trainer:
             kwargs.update(momentum_img=momentum_out["zimg"], momentum_txt=momentum_out["ztxt"])
             if m.key_features == "momentum":
                 kwargs.update(keys_img=momentum_out["zimg"], keys_txt=momentum_out["ztxt"])
-        if m.queue_size:
-            q = state.queues
-            kwargs.update(queue_img=q.img, queue_txt=q.txt, queue_labels=q.labels, queue_valid=q.valid)
+        kwargs.update(self._queue(state))
         return losses.wscl_loss(out["zimg"], out["ztxt"], batch["labels"], logit_scale, coupling=w.coupling,
                                 alpha=w.alpha, row_sharding=sharding.rows_sharding(self.mesh), **kwargs)
+
+    def _wscl_statistics(self, out, batch, params, state: TrainState, momentum_out) -> dict:
+        """False-negative fractions and the softmax mass on the queue of this step's image-to-text rows."""
+        m = self.config.momentum
+        keys = momentum_out["ztxt"] if momentum_out is not None and m.key_features == "momentum" else out["ztxt"]
+        queue = {k: v for k, v in self._queue(state).items() if k != "queue_img"}
+        return losses.wscl_statistics(out["zimg"], keys, batch["labels"], params["logit_scale"],
+                                      coupling=self.config.loss.wscl.coupling, **queue)
+
+    def _queue(self, state: TrainState) -> dict:
+        """The queue as the loss reads it: no slot counts before `momentum.queue_start_step`."""
+        m = self.config.momentum
+        if not m.queue_size:
+            return {}
+        q = state.queues
+        valid = q.valid & (state.step >= m.queue_start_step) if m.queue_start_step else q.valid
+        return dict(queue_img=q.img, queue_txt=q.txt, queue_labels=q.labels, queue_valid=valid)
 
     def _keepfit(self, params, batch_stats, out, batch, rng):
         """KeepFIT's expert pass and loss (METHODS.md section 2) -> (loss, terms, batch_stats).
@@ -248,7 +268,9 @@ class Trainer:
             # ALBEF order: EMA update from the current online params, then the momentum forward in
             # train mode as ALBEF's (its own dropout draw; BatchNorm on batch statistics like the
             # queries, its running averages discarded).
-            ema_params = momentum.ema_update(state.ema_params, params, config.momentum.decay)
+            m = config.momentum
+            ema_params = momentum.ema_update(state.ema_params, params,
+                                             momentum.decay_at(state.step, m.decay, m.schedule, self.total_steps))
             momentum_out, _ = self.model.apply(
                 {"params": ema_params, "batch_stats": state.batch_stats}, batch["image"], batch["input_ids"],
                 batch["attention_mask"], train=True, rngs={"dropout": jax.random.fold_in(rng, 1)},
@@ -281,11 +303,21 @@ class Trainer:
     def loss_and_grads(self, state: TrainState, batch):
         """The loss and gradients the train step applies, without updating anything: to check that
         shardings, compute dtypes and rematerialisation leave the step's numbers unchanged."""
-        _, _, _, loss, _, grads = self._forward_backward(state, batch)
+        _, _, _, loss, _, grads = self._forward_backward(self._queue_start(state), batch)
         return loss, grads
+
+    def _queue_start(self, state: TrainState) -> TrainState:
+        """At `momentum.queue_start_step` the momentum towers restart as copies of the online ones
+        and the queue restarts empty; before it the queue is never written (so never read)."""
+        start = self.config.momentum.queue_start_step
+        if not start:
+            return state
+        return state.replace(ema_params=momentum.resync_at(state.ema_params, state.params, state.step, start),
+                             queues=momentum.restart_at(state.queues, state.step, start))
 
     def _train_step(self, state: TrainState, batch):
         config, contrastive = self.config, not self.config.mlm.enabled
+        state = self._queue_start(state)
         params, ema_params, momentum_out, loss, (batch_stats, out, terms, extra), grads = \
             self._forward_backward(state, batch)
         updates, opt_state = self.tx.update(grads, state.opt_state, params)
@@ -298,6 +330,12 @@ class Trainer:
                    **{f"train/loss_{name}": value for name, value in terms.items()}, **extra}
         if contrastive:
             metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])
+            # Collapse gauge: the norm of the batch-mean embedding (1 = every example the same vector).
+            for key, name in (("zimg", "img"), ("ztxt", "txt")):
+                metrics[f"train/mean_norm_{name}"] = jnp.linalg.norm(jnp.mean(out[key].astype(jnp.float32), axis=0))
+        if contrastive and config.loss.name == "wscl":
+            metrics.update({f"train/wscl_{k}": v for k, v in self._wscl_statistics(out, batch, params, state,
+                                                                                     momentum_out).items()})
         if momentum_out is not None:
             # How closely the momentum model tracks the online one (cosine of the same examples'
             # embeddings): far below 1, the keys and queue are stale and the loss can fall by moving
@@ -309,7 +347,8 @@ class Trainer:
             # The whole global batch enters the replicated queue: momentum features when there is a
             # momentum model, else the online ones (detached).
             source = momentum_out if momentum_out is not None else out
-            queues = momentum.enqueue(queues, source["zimg"], source["ztxt"], batch["labels"])
+            queues = momentum.enqueue_from(queues, state.step, config.momentum.queue_start_step, source["zimg"],
+                                           source["ztxt"], batch["labels"])
             metrics["train/queue_fill"] = jnp.mean(queues.valid.astype(jnp.float32))
         return state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats, opt_state=opt_state,
                              ema_params=ema_params, queues=queues), metrics
@@ -555,6 +594,16 @@ class Trainer:
             return self.model.img.apply(variables, images, train=False), None
         features, updates = self.model.img.apply(variables, images, train=True, mutable=["batch_stats"])
         return features, updates.get("batch_stats", {})
+
+
+def _check_queue_fraction(m, train_size: int):
+    """The queue must stay well under the training set (`momentum.queue_max_fraction`): the paper's
+    65,536 of 451,956 pairs is 0.145; at the dataset's size it would hold every example's own key
+    from the last epoch, a negative drawn from a model one epoch old."""
+    if m.queue_size and m.queue_size > m.queue_max_fraction * train_size:
+        raise ConfigError(f"invalid config:\n  config.momentum.queue_size: {m.queue_size} is over "
+                          f"momentum.queue_max_fraction={m.queue_max_fraction} of the {train_size} training examples "
+                          f"(at most {int(m.queue_max_fraction * train_size)}); use a smaller queue")
 
 
 def _progress(enabled: bool, start: int, total: int):

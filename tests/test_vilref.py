@@ -28,10 +28,13 @@ TINY = {
     "data.reports.coverage_size": 64,
     "text.vocab_corpus_size": 60,
     "text.max_len": 48,
-    # The full method (the demo leaves the momentum queue off): EMA keys and a queue of 2 batches.
-    "momentum.enabled": True,
-    "momentum.key_features": "momentum",
+    # Stage `vilref` from scratch (the demo starts from stage `clip`'s workdir), with the paper's
+    # momentum keys and a queue of 2 batches.
+    "model_init": "",
+    "text.tokenizer": "learn",
+    "momentum.decay": 0.95,
     "momentum.queue_size": 32,
+    "momentum.queue_max_fraction": 0.5,  # 32 of the 64 training examples
     "train.epochs": 3.0,
     "optim.schedule_epochs": 3.0,
     "optim.warmup_steps": 2,
@@ -57,8 +60,7 @@ def tiny_vilref(**extra):
 @pytest.fixture(scope="module")
 def vilref_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vilref"))
-    # logit_scale_reset off: a resume must then continue EXACTLY (the reset has its own test).
-    trainer = Trainer(tiny_vilref(**{"model.logit_scale_reset": False}), workdir)
+    trainer = Trainer(tiny_vilref(), workdir)  # logit_scale_reset on, as configs/vilref.py
     params_before_eval = None
 
     evaluate = trainer.evaluate
@@ -238,8 +240,11 @@ def test_vilref_run_fills_and_wraps_the_queue_and_reports_every_evaluation(vilre
 
 
 def test_crashed_run_resumes_with_identical_ema_queues_and_pointer(vilref_run, tmp_path):
+    """With `model.logit_scale_reset` on (configs/vilref.py): the reset is a run start's, so the
+    resume from the run's own checkpoint continues bit-identically."""
     reference, _, _, _ = vilref_run
-    config = tiny_vilref(**{"model.logit_scale_reset": False, "eval.at_end": False})
+    assert reference.config.model.logit_scale_reset
+    config = tiny_vilref(**{"eval.at_end": False})
     resumed = crash_and_resume(config, str(tmp_path / "crashed"), crash_at=6, last_checkpoint=4)
     for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
         assert_trees_equal(getattr(resumed.state, field), getattr(reference.state, field))
@@ -247,20 +252,28 @@ def test_crashed_run_resumes_with_identical_ema_queues_and_pointer(vilref_run, t
     assert resumed.data_iter.get_state() == reference.data_iter.get_state()
 
 
-def test_logit_scale_reset_at_every_run_start_including_resumes(vilref_run, tmp_path):
+def test_logit_scale_reset_at_run_starts_but_not_at_the_own_workdir_resume(vilref_run, tmp_path):
+    """The reset applies when a run starts from `config.resume` or `model_init` (ViLReF restarts its
+    temperature whenever it loads a checkpoint), and never when a run resumes its own workdir."""
     reference, _, workdir, _ = vilref_run
     stored = float(reference.state.params["logit_scale"])
+    stored_ema = float(reference.state.ema_params["logit_scale"])
     init = config_lib.load(VILREF).model.logit_scale_init
-    assert abs(stored - init) > 1e-4  # training moved it
-    for reset, want in ((True, init), (False, stored)):
-        trainer = Trainer(tiny_vilref(**{"model.logit_scale_reset": reset}), workdir)
-        mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
-        state = trainer.restore_or_init(mngr, None)
-        mngr.close()
-        assert int(state.step) == 12
-        np.testing.assert_allclose(float(state.params["logit_scale"]), want, rtol=1e-6)
-        np.testing.assert_allclose(float(state.ema_params["logit_scale"]),
-                                   init if reset else float(reference.state.ema_params["logit_scale"]), rtol=1e-6)
+    assert abs(stored - init) > 1e-4 and abs(stored_ema - init) > 1e-6  # training moved both
+    for reset in (True, False):
+        for start, extra in (("own", {}), ("resume", {"resume": checkpointing.checkpoint_dir(workdir)}),
+                             ("model_init", {"model_init": workdir})):
+            run_dir = workdir if start == "own" else str(tmp_path / f"{start}_{reset}")
+            trainer = Trainer(tiny_vilref(**{"model.logit_scale_reset": reset, **extra}), run_dir)
+            mngr = checkpointing.manager(checkpointing.checkpoint_dir(run_dir), read_only=True)
+            state = trainer.restore_or_init(mngr, None)
+            mngr.close()
+            assert int(state.step) == (0 if start == "model_init" else 12), start
+            want = init if reset and start != "own" else stored
+            np.testing.assert_allclose(float(state.params["logit_scale"]), want, rtol=1e-6, err_msg=start)
+            # model_init starts the momentum model as a copy of the online one.
+            want_ema = init if reset and start != "own" else (stored if start == "model_init" else stored_ema)
+            np.testing.assert_allclose(float(state.ema_params["logit_scale"]), want_ema, rtol=1e-6, err_msg=start)
 
 
 @pytest.mark.parametrize("clamp", ["after_step", "before_forward"])
@@ -358,3 +371,84 @@ def test_one_train_step_with_a_filled_queue_matches_a_numpy_reference(vilref_run
     np.testing.assert_array_equal(new.queues.labels[:16], labels)
     np.testing.assert_array_equal(new.queues.img[16:], q.img[16:])
     assert int(new.queues.ptr) == 16 and new.queues.valid.all()
+
+
+# ------------------------------------------------------------------ momentum queue switches
+
+def test_queue_may_hold_at_most_its_fraction_of_the_training_set(tmp_path):
+    """`momentum.queue_max_fraction`: TINY's 32-entry queue is half of its 64 training examples."""
+    with pytest.raises(ConfigError, match=r"config\.momentum\.queue_size: 32 is over momentum\.queue_max_fraction="
+                                          r"0\.25 of the 64 training examples \(at most 16\)"):
+        Trainer(tiny_vilref(**{"momentum.queue_max_fraction": 0.25}), str(tmp_path / "over"))
+    assert Trainer(tiny_vilref(**{"momentum.queue_max_fraction": 0.5}), str(tmp_path / "under")).total_steps == 12
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_momentum_schedule_sets_the_decay_of_each_step(vilref_run, schedule, tmp_path):
+    """At step 6 of 12 the EMA update is m * ema + (1 - m) * params with m the configured 0.95
+    (constant) or BYOL's 1 - 0.05 * (cos(pi * 6 / 12) + 1) / 2 = 0.975 (cosine)."""
+    trainer = vilref_run[0] if schedule == "constant" else \
+        Trainer(tiny_vilref(**{"momentum.schedule": "cosine"}), str(tmp_path / "cosine"))
+    assert trainer.config.momentum.decay == 0.95 and trainer.total_steps == 12
+    m = {"constant": 0.95, "cosine": 0.975}[schedule]
+    state = jax.device_get(trainer.init_state())
+    ema = jax.tree.map(lambda p: p + 1.0, state.params)  # a momentum model away from the online one
+    state = jax.device_put(state.replace(step=np.int32(6), ema_params=ema), trainer.state_sharding)
+    batch = pipeline.make_global(next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize))),
+                                 trainer.batch_sharding)
+    params = leaves(state.params)
+    new, _ = trainer.train_step(state, batch)
+    for got, e, p in zip(leaves(new.ema_params), jax.tree.leaves(ema), params):
+        np.testing.assert_allclose(got, m * e + (1.0 - m) * p, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def late_queue_run(tmp_path_factory):
+    """TINY with the queue starting at step 5 of 12 (0-based), the cosine momentum schedule and
+    the logit_scale reset on: the uninterrupted reference of the queue-start tests."""
+    config = tiny_vilref(**{"momentum.queue_start_step": 5, "momentum.schedule": "cosine", "eval.at_end": False})
+    trainer = Trainer(config, str(tmp_path_factory.mktemp("late_queue")))
+    trainer.train()
+    return trainer
+
+
+def test_queue_start_step_leaves_the_queue_unwritten_then_resyncs_and_refills(late_queue_run, vilref_run):
+    rows = train_rows(late_queue_run.workdir)
+    # Rows are logged after steps 1..12: steps 0-4 never write the queue; step 5 writes half of it.
+    assert [r["train/queue_fill"] for r in rows] == [0.0] * 5 + [0.5] + [1.0] * 6
+    assert [r["train/wscl_queue_mass"] for r in rows[:6]] == [0.0] * 6  # nothing read before it fills
+    assert rows[6]["train/wscl_queue_mass"] > 0.0
+    # At the start the momentum model is re-synced: the same images embed identically (the image tower
+    # has no dropout), while one step earlier the EMA lagged the online model.
+    np.testing.assert_allclose(rows[5]["train/momentum_cos_img"], 1.0, rtol=1e-5)
+    assert rows[4]["train/momentum_cos_img"] < 1.0 - 1e-4
+    # With the start at 0 (the fixture) the queue fills from the first step.
+    assert [r["train/queue_fill"] for r in train_rows(vilref_run[2])[:2]] == [0.5, 1.0]
+
+
+def test_the_queue_is_not_read_before_its_start_step(late_queue_run):
+    """A full queue of random unit features (as if it were filled) changes the loss at and after
+    the start step, and changes nothing before it."""
+    trainer = late_queue_run
+    base = jax.device_get(trainer.state)
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=base.queues.img.shape).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    full = base.queues.replace(img=feats, txt=feats[::-1].copy(), valid=np.ones_like(base.queues.valid))
+    empty = base.queues.replace(valid=np.zeros_like(base.queues.valid))
+    batch = pipeline.make_global(next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize))),
+                                 trainer.batch_sharding)
+    loss_fn = jax.jit(trainer.loss_and_grads)
+    loss = lambda step, queues: float(loss_fn(base.replace(step=np.int32(step), queues=queues), batch)[0])  # noqa: E731
+    assert loss(3, full) == loss(3, empty)
+    # From the start on the queue takes part (at the start itself it restarts empty first).
+    assert loss(5, full) == loss(5, empty)
+    assert abs(loss(6, full) - loss(6, empty)) > 1e-3
+
+
+def test_run_with_a_late_queue_resumes_bit_identically_across_the_start(late_queue_run, tmp_path):
+    """Crash at step 6, resume from the checkpoint of step 4 (before the queue's start at 5)."""
+    config = tiny_vilref(**{"momentum.queue_start_step": 5, "momentum.schedule": "cosine", "eval.at_end": False})
+    resumed = crash_and_resume(config, str(tmp_path / "crashed"), crash_at=6, last_checkpoint=4)
+    for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
+        assert_trees_equal(getattr(resumed.state, field), getattr(late_queue_run.state, field))
