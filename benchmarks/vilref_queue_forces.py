@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vilref_ablation import REPO, VARIANTS, parse_sets  # noqa: E402  (the same variants and schedule)
+from vilref_ablation import REPO, SCRATCH, VARIANTS, parse_sets  # noqa: E402  (the same variants and schedule)
 
 from retina_jax import config as config_lib, losses  # noqa: E402
 from retina_jax.data import pipeline  # noqa: E402
@@ -64,9 +64,10 @@ def forces(queries, keys, label_sim, valid, s, batch):
 
 
 def run(variant: str, steps: int, common: dict, workdir: str) -> list[dict]:
-    config = config_lib.load(os.path.join(REPO, "configs", "vilref.py") + ":demo,steps_scale=0.5")
+    # The ablation's `--start scratch` protocol: random init, lr 1e-3, 192 steps.
+    config = config_lib.load(os.path.join(REPO, "configs", "vilref.py") + ":demo")
     config_lib.override(config, {"data.synthetic.comorbidity_prob": 0.0, "train.progress": False,
-                                 **common, **VARIANTS[variant]})
+                                 **SCRATCH, **VARIANTS[variant], **common})
     trainer = Trainer(config, workdir)
     state = trainer.init_state()
     decay = config.momentum.decay

@@ -121,11 +121,13 @@ def get_config(arg=None):
         c.model.img_projection = "none"
     if arg.demo:
         _demo(c, arg)
-    return _clip_stage(c) if arg.stage == "clip" else _vilref_stage(c, arg)
+    return _clip_stage(c, arg) if arg.stage == "clip" else _vilref_stage(c, arg)
 
 
-def _clip_stage(c):
+def _clip_stage(c, arg):
     """The Chinese-CLIP stand-in: the same towers, data and optimizer, CLIP InfoNCE on the pairs."""
+    if not arg.demo:
+        c.optim.lr = 1e-4  # ours: a start trained from scratch needs a rate above ViLReF's fine-tuning 3e-5
     c.loss.name = "clip"
     c.momentum.enabled = False
     c.momentum.key_features = "online"

@@ -252,7 +252,8 @@ def validate(config, num_devices: int) -> None:
     check(not config.resume or os.path.isdir(config.resume), "resume",
           f"{config.resume!r} is not a checkpoint directory")
     check(not config.model_init or os.path.isdir(config.model_init), "model_init",
-          f"{config.model_init!r} is not a checkpoint directory")
+          f"{config.model_init!r} is not a checkpoint directory: train the stage it starts from first (e.g. "
+          "configs/vilref.py:stage=clip for ViLReF, :stage=text for KeepFIT V2) or convert a checkpoint there")
     if config.model_init and os.path.isdir(config.model_init):
         errors += manifest_mismatches(config, config.model_init)
     if errors:

@@ -19,7 +19,7 @@ from retina_jax.train import Trainer
 VILREF = os.path.join(REPO, "configs", "vilref.py")
 
 # 32 px, batch 16, 12 steps, queue of 2 batches (so it wraps), checkpoints every 4.
-TINY = {
+TINY_RUN = {
     "data.batch_size": 16,
     "data.image_size": 32,
     "data.synthetic.image_size": 32,
@@ -28,13 +28,6 @@ TINY = {
     "data.reports.coverage_size": 64,
     "text.vocab_corpus_size": 60,
     "text.max_len": 48,
-    # Stage `vilref` from scratch (the demo starts from stage `clip`'s workdir), with the paper's
-    # momentum keys and a queue of 2 batches.
-    "model_init": "",
-    "text.tokenizer": "learn",
-    "momentum.decay": 0.95,
-    "momentum.queue_size": 32,
-    "momentum.queue_max_fraction": 0.5,  # 32 of the 64 training examples
     "train.epochs": 3.0,
     "optim.schedule_epochs": 3.0,
     "optim.warmup_steps": 2,
@@ -51,6 +44,11 @@ TINY = {
     "eval.finetune.steps": 3,
     "eval.finetune.batch_size": 16,
 }
+
+# Stage `vilref` from scratch (the demo starts from stage `clip`'s workdir), with the paper's
+# momentum keys and a queue of 2 batches.
+TINY = {**TINY_RUN, "model_init": "", "text.tokenizer": "learn", "momentum.decay": 0.95, "momentum.queue_size": 32,
+        "momentum.queue_max_fraction": 0.5}  # 32 of the 64 training examples
 
 
 def tiny_vilref(**extra):
@@ -452,3 +450,49 @@ def test_run_with_a_late_queue_resumes_bit_identically_across_the_start(late_que
     resumed = crash_and_resume(config, str(tmp_path / "crashed"), crash_at=6, last_checkpoint=4)
     for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
         assert_trees_equal(getattr(resumed.state, field), getattr(late_queue_run.state, field))
+
+
+# ------------------------------------------------------------------------------- two stages
+
+def test_stage_configs_clip_stand_in_then_vilref_from_it():
+    clip = config_lib.load(VILREF + ":stage=clip,demo,seed=3")
+    assert (clip.loss.name, clip.momentum.enabled, clip.momentum.queue_size, clip.model_init, clip.seed) == \
+        ("clip", False, 0, "", 3)
+    demo = config_lib.load(VILREF + ":demo")
+    assert (demo.model_init, demo.text.tokenizer) == ("workdirs/vilref_clip_demo", "workdirs/vilref_clip_demo/tokenizer")
+    assert (demo.loss.name, demo.momentum.enabled, demo.momentum.key_features, demo.momentum.queue_size) == \
+        ("wscl", True, "momentum", 512)
+    assert demo.optim.lr < clip.optim.lr and demo.model.img == clip.model.img and demo.model.txt == clip.model.txt
+    paper = config_lib.load(VILREF + ":clip_workdir=/ckpt/chinese_clip")
+    assert (paper.model_init, paper.text.tokenizer) == ("/ckpt/chinese_clip", "/ckpt/chinese_clip/tokenizer")
+    assert config_lib.load(VILREF).model_init == ""  # the paper config without a start: given on the command line
+    missing = config_lib.load(VILREF + ":demo,clip_workdir=/nonexistent/clip")
+    with pytest.raises(ConfigError, match=r"model_init: '/nonexistent/clip' is not a checkpoint directory: train the "
+                                          r"stage it starts from first \(e\.g\. configs/vilref\.py:stage=clip"):
+        validate(missing, 8)
+    with pytest.raises(ValueError, match="stage='vl'; allowed: clip, vilref"):
+        config_lib.load(VILREF + ":stage=vl")
+
+
+def test_stage_vilref_starts_from_stage_clip(tmp_path):
+    """Stage `vilref` loads stage `clip`'s towers and projections and its vocabulary; the momentum
+    model starts as their copy, the queue empty, and the temperature at its initial value."""
+    clip_dir = str(tmp_path / "clip")
+    clip = Trainer(config_lib.override(config_lib.load(VILREF + ":stage=clip,demo"),
+                                       {**TINY_RUN, "eval.at_end": False}), clip_dir)
+    clip.train()
+    trainer = Trainer(config_lib.override(config_lib.load(VILREF + f":demo,clip_workdir={clip_dir}"),
+                                          {**TINY_RUN, "momentum.queue_size": 32, "momentum.queue_max_fraction": 0.5}),
+                      str(tmp_path / "vilref"))
+    assert trainer.tokenize.path == os.path.join(clip_dir, "tokenizer")
+    mngr = checkpointing.manager(checkpointing.checkpoint_dir(trainer.workdir), read_only=True)
+    state = jax.device_get(trainer.restore_or_init(mngr, None))
+    mngr.close()
+    trained = jax.device_get(clip.state.params)
+    assert int(state.step) == 0
+    for path in ("img", "txt", "img_proj", "txt_proj"):
+        assert_trees_equal(state.params[path], trained[path])
+    assert_trees_equal(state.ema_params, state.params)
+    assert abs(float(trained["logit_scale"]) - trainer.config.model.logit_scale_init) > 1e-4
+    np.testing.assert_allclose(float(state.params["logit_scale"]), trainer.config.model.logit_scale_init, rtol=1e-6)
+    assert not state.queues.valid.any()
