@@ -139,7 +139,9 @@ def train_statistics(workdir: str) -> dict:
     rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
     stats = {"mean_norm_img": rows[-1]["train/mean_norm_img"], "mean_norm_txt": rows[-1]["train/mean_norm_txt"]}
     for key in ("false_neg_batch", "false_neg_queue"):
-        values = [r[f"train/wscl_{key}"] for r in rows if f"train/wscl_{key}" in r]
+        # Queue figures only from the steps that read a queue (after momentum.queue_start_step).
+        values = [r[f"train/wscl_{key}"] for r in rows if f"train/wscl_{key}" in r
+                  and (key == "false_neg_batch" or r.get("train/queue_fill", 0) > 0)]
         stats[key] = float(np.mean(values)) if values else float("nan")
     return stats
 

@@ -253,7 +253,10 @@ def wscl_statistics(zimg: jax.Array, keys_txt: jax.Array, labels: jax.Array, log
 
     - `false_neg_batch` / `false_neg_queue`: the fraction of in-batch negatives (B - 1 per row) and
       of valid queue slots dropped as false negatives (same label set);
-    - `queue_mass`: the softmax probability the rows put on the queue's columns (0 without a queue).
+    - `queue_mass`: the softmax probability the rows put on the queue's columns (0 without a queue);
+    - `cos_positive`, `cos_negative`, `cos_queue`: the mean cosine of a query to its positive, to the
+      other in-batch keys and to the valid queue entries. Collapsed features that escape a stale
+      queue show cos_negative ~ cos_positive ~ 1 with cos_queue far below (docs/methods.md, ViLReF).
 
     Metrics only: every input is detached.
     """
@@ -261,9 +264,12 @@ def wscl_statistics(zimg: jax.Array, keys_txt: jax.Array, labels: jax.Array, log
     scale = jnp.exp(clamp_logit_scale(jax.lax.stop_gradient(logit_scale)))
     b = zimg.shape[0]
     in_batch = label_cosine(labels, labels) >= 1.0 - 1e-6  # [B, B], the diagonal included
-    stats = {"false_neg_batch": (jnp.sum(in_batch) - b) / max(b * (b - 1), 1)}
+    cos = zimg @ keys_txt.T  # [B, B]
+    stats = {"false_neg_batch": (jnp.sum(in_batch) - b) / max(b * (b - 1), 1),
+             "cos_positive": jnp.mean(jnp.diagonal(cos)),
+             "cos_negative": (jnp.sum(cos) - jnp.sum(jnp.diagonal(cos))) / max(b * (b - 1), 1)}
     if queue_txt is None:
-        return {**stats, "false_neg_queue": jnp.zeros(()), "queue_mass": jnp.zeros(())}
+        return {**stats, "false_neg_queue": jnp.zeros(()), "queue_mass": jnp.zeros(()), "cos_queue": jnp.zeros(())}
     valid = queue_valid.astype(bool)
     keys = jnp.concatenate([keys_txt, queue_txt])
     key_labels = jnp.concatenate([labels, queue_labels.astype(labels.dtype)])
@@ -273,4 +279,5 @@ def wscl_statistics(zimg: jax.Array, keys_txt: jax.Array, labels: jax.Array, log
     queue_fn = (label_sim[:, b:] >= 1.0 - 1e-6) & valid[None, :]
     stats["false_neg_queue"] = jnp.sum(queue_fn) / jnp.maximum(b * jnp.sum(valid), 1)
     stats["queue_mass"] = jnp.mean(jnp.sum(probs[:, b:], axis=-1))
+    stats["cos_queue"] = jnp.sum((zimg @ queue_txt.T) * valid[None, :]) / jnp.maximum(b * jnp.sum(valid), 1)
     return stats

@@ -100,9 +100,10 @@ def test_keepfit_expert_stream_reads_an_mmretinal_csv(on_disk):
 
 def test_vilref_trains_from_an_lmdb_with_its_given_labels(on_disk, tmp_path):
     _, paths = on_disk
-    # The vilref_run fixture's shapes (batch 16, queue 32): its compiled step.
+    # A queue of one batch: the LMDB holds only 24 pairs (momentum.queue_max_fraction).
     config = with_datasets(tiny_vilref(**{"train.epochs": 2.0, "optim.schedule_epochs": 12.0, "eval.at_end": False,
-                                          "data.reports.labels": "given"}),
+                                          "data.reports.labels": "given", "momentum.queue_size": 16,
+                                          "momentum.queue_max_fraction": 1.0}),
                            {"lmdb": entry("vilref_lmdb", paths["vilref_lmdb"])})
     trainer = Trainer(config, str(tmp_path / "run"))
     batch = next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize)))

@@ -296,3 +296,39 @@ def test_wscl_equal_on_1_and_8_devices(devices):
     for a, b_ in zip(g8, g1):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-7)
     assert "f32[4,96]" in hlo8 and "f32[32,96]" not in hlo8  # [B/8, B + Q] logits per device
+
+
+def test_wscl_statistics_count_false_negatives_queue_mass_and_cosines():
+    """Against explicit counts on hand-set labels and a NumPy softmax of the coupled logits."""
+    zimg, ztxt, labels, queue = _wscl_inputs(np.random.default_rng(11))
+    b, q = len(labels), len(queue["queue_valid"])
+    labels[4] = labels[5] = labels[0]  # rows 0, 1, 4, 5 share one label set: 4 * 3 ordered pairs
+    labels[3] = [0, 0, 0, 1]
+    labels[2] = [0, 0, 1, 0]
+    queue["queue_labels"][:] = [1, 1, 1, 1]
+    queue["queue_labels"][0] = labels[3]  # valid, row 3's set
+    queue["queue_labels"][q - 1] = labels[3]  # an unfilled slot: not counted
+    s = 10.0
+    stats = jax.device_get(losses.wscl_statistics(
+        zimg, ztxt, labels, np.float32(np.log(s)), queue_txt=queue["queue_txt"],
+        queue_labels=queue["queue_labels"], queue_valid=queue["queue_valid"]))
+    n_valid = int(queue["queue_valid"].sum())
+    assert labels[0].sum() > 0 and not (labels[3] == labels[0]).all()
+    np.testing.assert_allclose(stats["false_neg_batch"], 12 / (b * (b - 1)), rtol=1e-6)
+    np.testing.assert_allclose(stats["false_neg_queue"], 1 / (b * n_valid), rtol=1e-6)
+    keys = np.concatenate([ztxt, queue["queue_txt"]])
+    label_sim = _np_label_cosine(labels, np.concatenate([labels, queue["queue_labels"]]))
+    valid = np.concatenate([np.ones(b, bool), queue["queue_valid"]])
+    pos = np.eye(b, b + q, dtype=bool)
+    z = np.where(((label_sim >= 1 - 1e-6) & ~pos) | ~valid[None, :], -np.inf,
+                 s * np.where(pos, 1.0, 1.0 - label_sim) * (zimg @ keys.T))
+    p = np.exp(_log_softmax(z))
+    np.testing.assert_allclose(stats["queue_mass"], p[:, b:].sum(axis=1).mean(), rtol=1e-5)
+    cos = zimg @ ztxt.T
+    np.testing.assert_allclose(stats["cos_positive"], np.trace(cos) / b, rtol=1e-5)
+    np.testing.assert_allclose(stats["cos_negative"], (cos.sum() - np.trace(cos)) / (b * (b - 1)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats["cos_queue"], (zimg @ queue["queue_txt"][:n_valid].T).mean(), rtol=1e-5, atol=1e-7)
+    # Without a queue: no queue figures, the in-batch ones unchanged.
+    alone = jax.device_get(losses.wscl_statistics(zimg, ztxt, labels, np.float32(np.log(s))))
+    assert alone["queue_mass"] == alone["false_neg_queue"] == alone["cos_queue"] == 0.0
+    np.testing.assert_allclose(alone["false_neg_batch"], stats["false_neg_batch"])

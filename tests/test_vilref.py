@@ -237,19 +237,6 @@ def test_vilref_run_fills_and_wraps_the_queue_and_reports_every_evaluation(vilre
     assert trainer.label_coverage["reports"] == 64 and trainer.label_coverage["unlabelled"] == 0
 
 
-def test_crashed_run_resumes_with_identical_ema_queues_and_pointer(vilref_run, tmp_path):
-    """With `model.logit_scale_reset` on (configs/vilref.py): the reset is a run start's, so the
-    resume from the run's own checkpoint continues bit-identically."""
-    reference, _, _, _ = vilref_run
-    assert reference.config.model.logit_scale_reset
-    config = tiny_vilref(**{"eval.at_end": False})
-    resumed = crash_and_resume(config, str(tmp_path / "crashed"), crash_at=6, last_checkpoint=4)
-    for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
-        assert_trees_equal(getattr(resumed.state, field), getattr(reference.state, field))
-    assert int(resumed.state.queues.ptr) == int(reference.state.queues.ptr)
-    assert resumed.data_iter.get_state() == reference.data_iter.get_state()
-
-
 def test_logit_scale_reset_at_run_starts_but_not_at_the_own_workdir_resume(vilref_run, tmp_path):
     """The reset applies when a run starts from `config.resume` or `model_init` (ViLReF restarts its
     temperature whenever it loads a checkpoint), and never when a run resumes its own workdir."""
@@ -444,12 +431,17 @@ def test_the_queue_is_not_read_before_its_start_step(late_queue_run):
     assert abs(loss(6, full) - loss(6, empty)) > 1e-3
 
 
-def test_run_with_a_late_queue_resumes_bit_identically_across_the_start(late_queue_run, tmp_path):
-    """Crash at step 6, resume from the checkpoint of step 4 (before the queue's start at 5)."""
+def test_crashed_run_resumes_bit_identically_across_the_queue_start(late_queue_run, tmp_path):
+    """Crash at step 6, resume from the checkpoint of step 4 (before the queue's start at 5), with
+    `model.logit_scale_reset` on as configs/vilref.py: the reset belongs to a run's start, so the
+    resumed run ends with the uninterrupted run's exact EMA, queues, pointer and data position."""
     config = tiny_vilref(**{"momentum.queue_start_step": 5, "momentum.schedule": "cosine", "eval.at_end": False})
+    assert config.model.logit_scale_reset
     resumed = crash_and_resume(config, str(tmp_path / "crashed"), crash_at=6, last_checkpoint=4)
     for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
         assert_trees_equal(getattr(resumed.state, field), getattr(late_queue_run.state, field))
+    assert int(resumed.state.queues.ptr) == int(late_queue_run.state.queues.ptr) == (7 * 16) % 32
+    assert resumed.data_iter.get_state() == late_queue_run.data_iter.get_state()
 
 
 # ------------------------------------------------------------------------------- two stages
