@@ -49,7 +49,7 @@ DEMO_CLIP_WORKDIR = "workdirs/vilref_clip_demo"
 DEMO_CLIP_EPOCHS = 3.0
 DEMO_VILREF_EPOCHS = 3.0
 DEMO_VILREF_LR = 3e-4
-DEMO_MOMENTUM = 0.99
+DEMO_MOMENTUM = 0.995
 
 
 def get_config(arg=None):
