@@ -248,7 +248,7 @@ def wscl_loss(zimg: jax.Array, ztxt: jax.Array, labels: jax.Array, logit_scale: 
 
 def wscl_statistics(zimg: jax.Array, keys_txt: jax.Array, labels: jax.Array, logit_scale: jax.Array, *,
                     queue_txt: jax.Array | None = None, queue_labels: jax.Array | None = None,
-                    queue_valid: jax.Array | None = None, coupling: str = "similarity") -> dict:
+                    queue_valid: jax.Array | None = None, coupling: str = "similarity", row_sharding=None) -> dict:
     """What the image-to-text direction of `wscl_loss` does with its keys (docs/methods.md, ViLReF):
 
     - `false_neg_batch` / `false_neg_queue`: the fraction of in-batch negatives (B - 1 per row) and
@@ -258,13 +258,13 @@ def wscl_statistics(zimg: jax.Array, keys_txt: jax.Array, labels: jax.Array, log
       other in-batch keys and to the valid queue entries. Collapsed features that escape a stale
       queue show cos_negative ~ cos_positive ~ 1 with cos_queue far below (docs/methods.md, ViLReF).
 
-    Metrics only: every input is detached.
+    Metrics only: every input is detached. The [B, K] matrices are row-sharded like the loss's.
     """
     zimg, keys_txt, labels = (jax.lax.stop_gradient(a) for a in (zimg, keys_txt, labels))
     scale = jnp.exp(clamp_logit_scale(jax.lax.stop_gradient(logit_scale)))
     b = zimg.shape[0]
     in_batch = label_cosine(labels, labels) >= 1.0 - 1e-6  # [B, B], the diagonal included
-    cos = zimg @ keys_txt.T  # [B, B]
+    cos = _constrain(zimg @ keys_txt.T, row_sharding)  # [B, B]
     stats = {"false_neg_batch": (jnp.sum(in_batch) - b) / max(b * (b - 1), 1),
              "cos_positive": jnp.mean(jnp.diagonal(cos)),
              "cos_negative": (jnp.sum(cos) - jnp.sum(jnp.diagonal(cos))) / max(b * (b - 1), 1)}
@@ -274,10 +274,11 @@ def wscl_statistics(zimg: jax.Array, keys_txt: jax.Array, labels: jax.Array, log
     keys = jnp.concatenate([keys_txt, queue_txt])
     key_labels = jnp.concatenate([labels, queue_labels.astype(labels.dtype)])
     key_valid = jnp.concatenate([jnp.ones((b,), bool), valid])
-    label_sim = label_cosine(labels, key_labels)
-    probs = jax.nn.softmax(wscl_logits(zimg @ keys.T, label_sim, key_valid, scale, coupling), axis=-1)  # [B, K]
+    label_sim = _constrain(label_cosine(labels, key_labels), row_sharding)
+    sim = _constrain(zimg @ keys.T, row_sharding)  # [B, K]
+    probs = jax.nn.softmax(wscl_logits(sim, label_sim, key_valid, scale, coupling), axis=-1)
     queue_fn = (label_sim[:, b:] >= 1.0 - 1e-6) & valid[None, :]
     stats["false_neg_queue"] = jnp.sum(queue_fn) / jnp.maximum(b * jnp.sum(valid), 1)
     stats["queue_mass"] = jnp.mean(jnp.sum(probs[:, b:], axis=-1))
-    stats["cos_queue"] = jnp.sum((zimg @ queue_txt.T) * valid[None, :]) / jnp.maximum(b * jnp.sum(valid), 1)
+    stats["cos_queue"] = jnp.sum(sim[:, b:] * valid[None, :]) / jnp.maximum(b * jnp.sum(valid), 1)
     return stats

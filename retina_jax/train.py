@@ -203,7 +203,8 @@ class Trainer:
         keys = momentum_out["ztxt"] if momentum_out is not None and m.key_features == "momentum" else out["ztxt"]
         queue = {k: v for k, v in self._queue(state).items() if k != "queue_img"}
         return losses.wscl_statistics(out["zimg"], keys, batch["labels"], params["logit_scale"],
-                                      coupling=self.config.loss.wscl.coupling, **queue)
+                                      coupling=self.config.loss.wscl.coupling,
+                                      row_sharding=sharding.rows_sharding(self.mesh), **queue)
 
     def _queue(self, state: TrainState) -> dict:
         """The queue as the loss reads it: no slot counts before `momentum.queue_start_step`."""
