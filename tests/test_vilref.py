@@ -412,8 +412,8 @@ def test_queue_start_step_leaves_the_queue_unwritten_then_resyncs_and_refills(la
 
 
 def test_the_queue_is_not_read_before_its_start_step(late_queue_run):
-    """A full queue of random unit features (as if it were filled) changes the loss at and after
-    the start step, and changes nothing before it."""
+    """A full queue of random unit features (as if it had been filled) changes nothing before the
+    start step, nothing at it (the queue restarts empty there) and the loss after it."""
     trainer = late_queue_run
     base = jax.device_get(trainer.state)
     rng = np.random.default_rng(0)
