@@ -466,16 +466,13 @@ def test_stage_configs_clip_stand_in_then_vilref_from_it():
         config_lib.load(VILREF + ":stage=vl")
 
 
-def test_stage_vilref_starts_from_stage_clip(tmp_path):
+def test_stage_vilref_starts_from_stage_clip(learning_runs, tmp_path):
     """Stage `vilref` loads stage `clip`'s towers and projections and its vocabulary; the momentum
     model starts as their copy, the queue empty, and the temperature at its initial value."""
-    clip_dir = str(tmp_path / "clip")
-    clip = Trainer(config_lib.override(config_lib.load(VILREF + ":stage=clip,demo"),
-                                       {**TINY_RUN, "eval.at_end": False}), clip_dir)
-    clip.train()
+    clip = learning_runs["clip"]
+    clip_dir = clip.workdir
     trainer = Trainer(config_lib.override(config_lib.load(VILREF + f":demo,clip_workdir={clip_dir}"),
-                                          {**TINY_RUN, "momentum.queue_size": 32, "momentum.queue_max_fraction": 0.5}),
-                      str(tmp_path / "vilref"))
+                                          {**LEARN, "momentum.queue_size": 64}), str(tmp_path / "vilref"))
     assert trainer.tokenize.path == os.path.join(clip_dir, "tokenizer")
     mngr = checkpointing.manager(checkpointing.checkpoint_dir(trainer.workdir), read_only=True)
     state = jax.device_get(trainer.restore_or_init(mngr, None))
@@ -488,3 +485,88 @@ def test_stage_vilref_starts_from_stage_clip(tmp_path):
     assert abs(float(trained["logit_scale"]) - trainer.config.model.logit_scale_init) > 1e-4
     np.testing.assert_allclose(float(state.params["logit_scale"]), trainer.config.model.logit_scale_init, rtol=1e-6)
     assert not state.queues.valid.any()
+
+
+# ---------------------------------------------------------------------------------- learning
+
+# The learning test's tiny setting: 32 px, batch 32, a 256-image corpus and the full 100-token
+# context. Small enough for CI, large enough that stage `clip` leaves contrastive learning's early
+# collapse (its loss sits at ln 32 ~ 3.47 until about step 60, then falls to ~2 by step 240; the
+# 64-image TINY_RUN never leaves it).
+LEARN = {**TINY_RUN, "data.batch_size": 32, "data.synthetic.size": 256, "data.reports.coverage_size": 256,
+         "text.vocab_corpus_size": 200, "text.max_len": 100, "train.log_every": 8, "train.checkpoint_every": 1000,
+         "eval.at_end": False}
+LEARN_QUEUE = {"momentum.queue_size": 64}  # 2 batches: the 0.25 of 256 queue_max_fraction allows
+
+
+def _epochs(steps, warmup):
+    epochs = steps * LEARN["data.batch_size"] / LEARN["data.synthetic.size"]
+    return {"train.epochs": epochs, "optim.schedule_epochs": epochs, "optim.warmup_steps": warmup}
+
+
+@pytest.fixture(scope="module")
+def learning_runs(tmp_path_factory):
+    """Stage `clip` (240 steps), then stage `vilref` from it with the demo's momentum encoders and
+    queue (m 0.995, lr 3e-4; 64 steps), and the collapsed setting of the first ablations: the same
+    queue from random init at lr 1e-3 with m 0.95 (64 steps)."""
+    root = tmp_path_factory.mktemp("learning")
+    runs = {}
+    for name, spec, extra in (
+            ("clip", ":stage=clip,demo", _epochs(240, 4)),
+            ("staged", f":demo,clip_workdir={root / 'clip'}", {**LEARN_QUEUE, **_epochs(64, 2)}),
+            ("scratch", ":demo", {**LEARN_QUEUE, **_epochs(64, 4), "model_init": "", "text.tokenizer": "learn",
+                                  "optim.lr": 1e-3, "momentum.decay": 0.95})):
+        runs[name] = Trainer(config_lib.override(config_lib.load(VILREF + spec), {**LEARN, **extra}), str(root / name))
+        runs[name].train()
+    return runs
+
+
+def collapsed_floor(labels, scale):
+    """The lowest WSCL loss a model reaches whose in-batch embeddings are one vector (docs/methods.md,
+    ViLReF). Then every in-batch cosine is the same c, row i's logits are s * W_ij * c over its kept
+    columns (W_ii = 1, W_ij = 1 - label cosine <= 1, false negatives dropped), and its loss is at
+    least log sum_j exp(s * c * (W_ij - 1)), smallest at c = 1; queue columns only add to the sum.
+    So a loss below this floor needs the in-batch examples told apart, whatever the queue does."""
+    from test_losses import _np_label_cosine
+
+    sim = _np_label_cosine(labels, labels)
+    pos = np.eye(len(labels), dtype=bool)
+    z = np.where(pos | (sim < 1 - 1e-6), scale * (np.where(pos, 1.0, 1.0 - sim) - 1.0), -np.inf)
+    top = z.max(axis=1, keepdims=True)
+    return float(np.mean(top[:, 0] + np.log(np.sum(np.exp(z - top), axis=1))))
+
+
+def separation(trainer):
+    """The step's loss, the collapsed floor of the same batch and temperature, and the batch-mean
+    embedding norms, from one more step on the next training batch (on a copy of the state)."""
+    state = jax.device_put(jax.device_get(trainer.state), trainer.state_sharding)
+    scale = float(np.exp(np.clip(jax.device_get(trainer.state.params["logit_scale"]), 0, losses.LOGIT_SCALE_MAX)))
+    batch = next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize)))
+    _, metrics = trainer.train_step(state, pipeline.make_global(batch, trainer.batch_sharding))
+    floor = collapsed_floor(np.asarray(batch["labels"], np.float64), scale)
+    return float(metrics["train/loss"]), floor, float(metrics["train/mean_norm_img"]), \
+        float(metrics["train/mean_norm_txt"])
+
+
+# Separated: the loss at least 0.25 below the collapsed floor and both batch-mean norms under 0.9.
+# The norm of the mean of B unit vectors is sqrt(1/B + (1 - 1/B) * mean pairwise cosine): 1 when
+# every example is the same vector (the collapsed ablation runs sat at 0.99-1.00), and under 0.9 at
+# batch 32 only when two different examples are on average less than cos 0.81 apart.
+NORM_BOUND, LOSS_MARGIN = 0.9, 0.25
+
+
+def separated(loss, floor, norm_img, norm_txt):
+    return loss < floor - LOSS_MARGIN and norm_img < NORM_BOUND and norm_txt < NORM_BOUND
+
+
+def test_vilref_with_the_queue_separates_the_examples_from_stage_clip_but_not_from_random_init(learning_runs):
+    staged = learning_runs["staged"]
+    assert staged.config.momentum.enabled and staged.config.momentum.key_features == "momentum"
+    assert jax.device_get(staged.state.queues.valid).all()  # the queue was read and written throughout
+    loss, floor, norm_img, norm_txt = separation(staged)
+    assert separated(loss, floor, norm_img, norm_txt), (loss, floor, norm_img, norm_txt)
+    # Today's collapsed setting (queue from random init) fails the same check: its image embeddings
+    # are still one vector.
+    collapsed = separation(learning_runs["scratch"])
+    assert not separated(*collapsed), collapsed
+    assert collapsed[2] > NORM_BOUND, collapsed
