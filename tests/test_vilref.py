@@ -538,7 +538,7 @@ def collapsed_floor(labels, scale):
 
 def separation(trainer):
     """The step's loss, the collapsed floor of the same batch and temperature, and the batch-mean
-    embedding norms, from one more step on the next training batch (on a copy of the state)."""
+    embedding norms, from one more step on the first training batch (on a copy of the state)."""
     state = jax.device_put(jax.device_get(trainer.state), trainer.state_sharding)
     scale = float(np.exp(np.clip(jax.device_get(trainer.state.params["logit_scale"]), 0, losses.LOGIT_SCALE_MAX)))
     batch = next(iter(pipeline.train_dataset(trainer.config, trainer.tokenize)))
@@ -551,7 +551,7 @@ def separation(trainer):
 # Separated: the loss at least 0.25 below the collapsed floor and both batch-mean norms under 0.9.
 # The norm of the mean of B unit vectors is sqrt(1/B + (1 - 1/B) * mean pairwise cosine): 1 when
 # every example is the same vector (the collapsed ablation runs sat at 0.99-1.00), and under 0.9 at
-# batch 32 only when two different examples are on average less than cos 0.81 apart.
+# batch 32 only when the mean cosine between two different examples is below 0.80.
 NORM_BOUND, LOSS_MARGIN = 0.9, 0.25
 
 
@@ -562,7 +562,7 @@ def separated(loss, floor, norm_img, norm_txt):
 def test_vilref_with_the_queue_separates_the_examples_from_stage_clip_but_not_from_random_init(learning_runs):
     staged = learning_runs["staged"]
     assert staged.config.momentum.enabled and staged.config.momentum.key_features == "momentum"
-    assert jax.device_get(staged.state.queues.valid).all()  # the queue was read and written throughout
+    assert jax.device_get(staged.state.queues.valid).all()  # full: written at every step
     loss, floor, norm_img, norm_txt = separation(staged)
     assert separated(loss, floor, norm_img, norm_txt), (loss, floor, norm_img, norm_txt)
     # Today's collapsed setting (queue from random init) fails the same check: its image embeddings
