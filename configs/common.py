@@ -6,6 +6,8 @@ cross-field rules before anything is built.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 # The held-out zero-shot task of the synthetic corpus: one primary condition per image, drawn with
@@ -47,6 +49,11 @@ def parse_arg(arg: str | None, **defaults):
     return out
 
 
+def render_cache_dir() -> str:
+    """Where the demos keep their drawn corpora: $RETINA_JAX_CACHE/synthetic, default ~/.cache."""
+    return os.path.join(os.environ.get("RETINA_JAX_CACHE", "~/.cache/retina_jax"), "synthetic")
+
+
 def cpu_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The settings every method's `:demo` shares so it runs in minutes on a 2-core CPU: 96 px
     images, a 4,096-image corpus, batch 64, a 2-layer 128-wide text tower and 128-d embeddings."""
@@ -54,6 +61,7 @@ def cpu_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.image_size = 96
     c.data.synthetic.image_size = 96
     c.data.synthetic.size = 4096
+    c.data.synthetic.cache_dir = render_cache_dir()
     c.data.worker_count = 1
     c.model.txt.hidden_size = 128
     c.model.txt.num_hidden_layers = 2
@@ -173,6 +181,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic.attribute_prob = 0.2
     c.data.synthetic.expert_fraction = 0.3
     c.data.synthetic.difficulty = 0.0
+    # A directory: every synthetic corpus the run reads (training, held-out tasks) is drawn once into
+    # it and read from there (retina_jax/data/render_cache.py); "" draws every image when read.
+    c.data.synthetic.cache_dir = ""
 
     # ----------------------------------------------------------------------------------- text
     c.text = ml_collections.ConfigDict()

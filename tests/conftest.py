@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 os.environ.setdefault("RETINA_JAX_TEST_COMPILE_CACHE",
                       os.path.join(tempfile.gettempdir(), f"retina_jax_xla_cache_{_session}"))
+# The demo configs draw their synthetic corpora once into a render cache: one per test session too.
+os.environ.setdefault("RETINA_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"retina_jax_cache_{_session}"))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["RETINA_JAX_TEST_COMPILE_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2 ** 30)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"

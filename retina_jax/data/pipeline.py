@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from retina_jax.data import files, knowledge, transforms
+from retina_jax.data.render_cache import maybe_cached
 from retina_jax.data.images import DataError
 from retina_jax.data.labels import LabelExtractor, log_coverage
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
@@ -62,9 +63,14 @@ def make_prompt(template: str, atr: str, cls: str, modality: str = "CFP") -> str
 
 def synthetic_source(config) -> SyntheticFundus:
     s = config.data.synthetic
-    return SyntheticFundus(CorpusSpec(
+    return _synthetic(config, CorpusSpec(
         seed=s.seed, size=s.size, image_size=s.image_size, comorbidity_prob=s.comorbidity_prob,
         attribute_prob=s.attribute_prob, expert_fraction=s.expert_fraction, difficulty=s.difficulty))
+
+
+def _synthetic(config, spec: CorpusSpec):
+    """The source of a synthetic corpus, drawn once into `data.synthetic.cache_dir` when one is set."""
+    return maybe_cached(SyntheticFundus(spec), config.data.synthetic.cache_dir)
 
 
 def expert_source(config, seed: int | None = None, size: int | None = None) -> SyntheticFundus:
@@ -72,7 +78,7 @@ def expert_source(config, seed: int | None = None, size: int | None = None) -> S
     corpus of its own seed in which every example carries an expert caption, in the modalities of
     `data.expert.modalities` (CFP only for KeepFIT; CFP, FFA and OCT for KeepFIT V2)."""
     e, s = config.data.expert, config.data.synthetic
-    return SyntheticFundus(CorpusSpec(
+    return _synthetic(config, CorpusSpec(
         seed=e.seed if seed is None else seed, size=e.size if size is None else size, image_size=s.image_size,
         comorbidity_prob=s.comorbidity_prob, attribute_prob=s.attribute_prob, expert_fraction=1.0,
         difficulty=s.difficulty, modalities=tuple(e.modalities), modality_weights=tuple(e.modality_weights) or None))
@@ -86,7 +92,7 @@ def caption_source(config) -> SyntheticFundus:
 def heldout_source(config) -> SyntheticFundus:
     """The held-out zero-shot task: one condition per image, seeds never used for training."""
     z = config.eval.zero_shot
-    return SyntheticFundus(CorpusSpec(
+    return _synthetic(config, CorpusSpec(
         seed=z.seed, size=z.size, image_size=config.data.synthetic.image_size, conditions=tuple(z.classes),
         comorbidity_prob=0.0, attribute_prob=0.0, expert_fraction=0.0, difficulty=z.difficulty,
         single_condition=True))
@@ -475,7 +481,7 @@ def multilabel_source(config, split: str) -> SyntheticFundus:
     split 'train' (seed `eval.linear_probe.seed`) trains the head, 'test' (the next seed) tests it."""
     lp = config.eval.linear_probe
     seed, size = {"train": (lp.seed, lp.train_size), "test": (lp.seed + 1, lp.test_size)}[split]
-    return SyntheticFundus(CorpusSpec(
+    return _synthetic(config, CorpusSpec(
         seed=seed, size=size, image_size=config.data.synthetic.image_size,
         comorbidity_prob=config.data.synthetic.comorbidity_prob, expert_fraction=0.0,
         difficulty=config.data.synthetic.difficulty))
