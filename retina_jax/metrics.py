@@ -1,11 +1,12 @@
 """Metric writing from process 0: JSON lines (one object per step) plus a console summary.
 
 Metric names follow ARCHITECTURE.md: `train/loss`, `train/loss/<term>`, `train/lr`,
-`perf/examples_per_sec`, `eval/<task>/<metric>`. `clu.metric_writers` would import TensorFlow, so
+`perf/examples_per_sec`, `perf/step_seconds`, `perf/data_wait_seconds`, `eval/<task>/<metric>`. `clu.metric_writers` would import TensorFlow, so
 this small writer stands in for it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as pylogging
 import math
@@ -50,19 +51,40 @@ def check_finite(step: int, metrics: dict) -> None:
 
 
 class Throughput:
-    """Examples per second between calls."""
+    """Speed between two reports: examples per second, wall seconds per step and, of those, the
+    seconds the loop waited for its next batch (a step that waits for data shows it here).
+
+    Checkpoint saves and evaluations run between steps inside `outside()` and count in neither.
+    Steps are dispatched asynchronously, so one step's time is not observable without stalling the
+    device; the interval's wall time divided by its steps is, once the device queue is in steady state.
+    """
 
     def __init__(self):
-        self._t, self._n = time.perf_counter(), 0
+        self._start(time.perf_counter())
 
-    def add(self, n: int):
+    def _start(self, now: float):
+        self._t, self._n, self._steps, self._wait, self._outside = now, 0, 0, 0.0, 0.0
+
+    def add(self, n: int, data_wait: float = 0.0):
         self._n += n
+        self._steps += 1
+        self._wait += data_wait
 
-    def rate(self) -> float:
+    @contextlib.contextmanager
+    def outside(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._outside += time.perf_counter() - began
+
+    def report(self) -> dict:
         now = time.perf_counter()
-        rate = self._n / max(now - self._t, 1e-9)
-        self._t, self._n = now, 0
-        return rate
+        busy, steps = max(now - self._t - self._outside, 1e-9), max(self._steps, 1)
+        out = {"perf/examples_per_sec": self._n / busy, "perf/step_seconds": busy / steps,
+               "perf/data_wait_seconds": self._wait / steps}
+        self._start(now)
+        return out
 
 
 class _QuietLibraries(pylogging.Filter):

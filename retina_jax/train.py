@@ -398,28 +398,32 @@ class Trainer:
 
         try:
             for step in range(start, self.total_steps):
+                began = time.perf_counter()
                 batch = next(data_iter)
+                data_wait = time.perf_counter() - began
                 # Bad examples passed over to fill this batch (data.on_error='skip'); a host count
                 # that make_global leaves behind.
                 self.skipped_examples += int(batch.get(files.SKIPPED, 0))
                 state, metrics = self.train_step(state, pipeline.make_global(batch, self.batch_sharding))
-                throughput.add(self.global_batch)
+                throughput.add(self.global_batch, data_wait)
                 done = step + 1
                 if done % config.train.log_every == 0 or done == self.total_steps:
                     metrics = jax.device_get(metrics)
                     check_finite(done, metrics)
-                    metrics["perf/examples_per_sec"] = throughput.rate()
+                    metrics.update(throughput.report())
                     metrics["train/epoch"] = done / self.steps_per_epoch
                     if config.data.on_error == "skip":
                         metrics["train/skipped_examples"] = self.skipped_examples
                     self.writer.write(done, metrics)
                     if progress is not None:
                         progress.set_postfix(loss=f"{float(metrics['train/loss']):.4f}",
-                                             ex_s=f"{metrics['perf/examples_per_sec']:.0f}")
+                                             ex_s=f"{metrics['perf/examples_per_sec']:.0f}",
+                                             data_wait=f"{metrics['perf/data_wait_seconds']:.2f}s")
                 if progress is not None:
                     progress.update(1)
                 if done % config.train.checkpoint_every == 0 and done != self.total_steps:
-                    save(done)
+                    with throughput.outside():
+                        save(done)
                 if self._stop_requested():
                     save(done, force=True)
                     mngr.wait_until_finished()
@@ -428,7 +432,8 @@ class Trainer:
                                     self._stop_signal or "SIGTERM on another process", done)
                     return {}
                 if config.eval.every_steps and done % config.eval.every_steps == 0 and done != self.total_steps:
-                    self.evaluate(state, step=done)
+                    with throughput.outside():
+                        self.evaluate(state, step=done)
             save(self.total_steps, force=True)
             mngr.wait_until_finished()
         finally:

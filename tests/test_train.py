@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from retina_jax import checkpointing, config as config_lib
+from retina_jax import checkpointing, config as config_lib, metrics as metrics_lib
 from retina_jax.config import ConfigError, validate
 from retina_jax.metrics import read as read_metrics
 from retina_jax.train import Trainer
@@ -100,13 +100,33 @@ def uninterrupted(tmp_path_factory):
     return trainer, result, workdir
 
 
+def test_throughput_splits_wall_time_into_steps_data_waits_and_time_outside(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: clock[0])
+    t = metrics_lib.Throughput()
+    clock[0] = 102.0
+    t.add(64, data_wait=0.5)
+    with t.outside():  # a checkpoint save: 3 s that are no step's
+        clock[0] = 105.0
+    clock[0] = 110.0
+    t.add(64, data_wait=1.5)
+    # 10 s of wall time, 3 outside: 7 s for 2 steps of 64 examples, 2 s of it waiting for data.
+    assert t.report() == pytest.approx({"perf/examples_per_sec": 128 / 7, "perf/step_seconds": 3.5,
+                                        "perf/data_wait_seconds": 1.0})
+    clock[0] = 112.0
+    t.add(32)
+    assert t.report() == pytest.approx({"perf/examples_per_sec": 16.0, "perf/step_seconds": 2.0,
+                                        "perf/data_wait_seconds": 0.0})
+
+
 def test_end_to_end_demo_smoke(uninterrupted):
     trainer, result, workdir = uninterrupted
     assert trainer.total_steps == 12
     rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 13))
-    for key in ("train/loss", "train/lr", "perf/examples_per_sec", "train/grad_norm", "train/logit_scale"):
+    for key in ("train/loss", "train/lr", "perf/examples_per_sec", "perf/step_seconds", "perf/data_wait_seconds",
+                "train/grad_norm", "train/logit_scale"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     # warm-up: the learning rate rises over the first epoch (4 steps)
     lrs = [r["train/lr"] for r in train_rows]
