@@ -46,7 +46,7 @@ DEMO_CLIP_WORKDIR = "workdirs/vilref_clip_demo"
 
 
 # The demo's stage lengths and stage-`vilref` settings (benchmarks/RESULTS.md, "ViLReF demo").
-DEMO_CLIP_EPOCHS = 3.0
+DEMO_CLIP_EPOCHS = 6.0
 DEMO_VILREF_EPOCHS = 3.0
 DEMO_VILREF_LR = 3e-4
 DEMO_MOMENTUM = 0.995
