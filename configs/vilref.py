@@ -25,7 +25,7 @@ Chinese reports, labelled by the expert keyword extractor. Without `text.tokeniz
 learns a character-level Chinese vocabulary from the corpus (Chinese characters are one token
 each, as RoBERTa-wwm-ext's BERT tokenizer splits them) and stage `vilref` reuses it.
 
-The CPU demo (`make demo`, about 10 minutes on 2 cores) runs both stages on tiny towers:
+The CPU demo (`make demo`, about 12 minutes on 2 cores with the install) runs both stages on tiny towers:
 
   python -m retina_jax.main --config configs/vilref.py:stage=clip,demo --workdir workdirs/vilref_clip_demo
   python -m retina_jax.main --config configs/vilref.py:demo --workdir workdirs/vilref_demo
