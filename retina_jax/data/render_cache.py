@@ -10,8 +10,9 @@ then serves `record(i)` and `[i]` from there: the same dicts, bit for bit, since
 pure function of its spec and index. Augmentation is unchanged: it runs in the transform after the
 source, with grain's per-step generator.
 
-The key hashes the spec and the source of the modules that draw the corpus and write its texts, so a
-changed renderer or vocabulary never serves stale images. A finished cache appears by renaming its
+The key hashes the spec, the source of the modules that draw the corpus and write its texts (with the
+description files they read) and the numpy and Pillow versions, so a changed renderer, vocabulary
+or drawing library never serves stale images. A finished cache appears by renaming its
 directory into place: two runs that start together may both draw it, but neither reads half of one.
 Segmentation masks are not cached (`item_with_masks` draws them as before).
 """
@@ -28,6 +29,7 @@ import tempfile
 import time
 
 import numpy as np
+import PIL
 from absl import logging
 
 from retina_jax.data import knowledge, synthetic
@@ -42,10 +44,11 @@ PARALLEL_MIN = 512
 
 
 def cache_key(spec: CorpusSpec) -> str:
-    """A directory name that changes with the spec and with the code that draws the corpus."""
-    h = hashlib.sha256(repr(spec).encode())
-    for module in (synthetic, knowledge):
-        with open(module.__file__, "rb") as f:
+    """A directory name that changes with the spec, with the code and data that draw the corpus and
+    write its texts, and with the versions of the libraries that draw its pixels."""
+    h = hashlib.sha256(f"{spec!r} numpy {np.__version__} Pillow {PIL.__version__}".encode())
+    for path in (synthetic.__file__, knowledge.__file__, knowledge._DESCRIPTIONS_PATH, knowledge._DESCRIPTIONS_ZH_PATH):
+        with open(path, "rb") as f:
             h.update(f.read())
     return f"{spec.size}x{spec.image_size}px-seed{spec.seed}-{h.hexdigest()[:16]}"
 
