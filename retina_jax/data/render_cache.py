@@ -84,10 +84,10 @@ def build(spec: CorpusSpec, path: str, workers: int | None = None) -> None:
             # `spawn`: the caller may have started jax's threads, which a forked child must not inherit.
             pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             with pool:
-                results = concurrent.futures.as_completed([pool.submit(_draw, *t) for t in tasks])
-                _collect(results, images, records, n, lambda future: future.result())
+                futures = concurrent.futures.as_completed([pool.submit(_draw, *t) for t in tasks])
+                _collect((future.result() for future in futures), images, records, n)
         else:
-            _collect((_draw(*t) for t in tasks), images, records, n, lambda result: result)
+            _collect((_draw(*t) for t in tasks), images, records, n)
         images.flush()
         del images
         with open(os.path.join(tmp, RECORDS), "wb") as f:
@@ -102,10 +102,10 @@ def build(spec: CorpusSpec, path: str, workers: int | None = None) -> None:
     logging.info("render cache: %d images drawn in %.1f s", n, time.perf_counter() - began)
 
 
-def _collect(results, images, records, n: int, unwrap) -> None:
+def _collect(results, images, records, n: int) -> None:
+    """Write each drawn chunk `(start, images, records)` into place as it arrives, logging progress."""
     done, next_report = 0, n // 10
-    for item in results:
-        start, drawn, chunk = unwrap(item)
+    for start, drawn, chunk in results:
         images[start:start + len(chunk)] = drawn
         records[start:start + len(chunk)] = chunk
         done += len(chunk)
