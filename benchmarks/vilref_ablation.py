@@ -44,7 +44,7 @@ from absl import flags, logging
 
 from retina_jax import checkpointing, config as config_lib
 from retina_jax.data import pipeline
-from retina_jax.metrics import read as read_metrics
+from retina_jax.metric_writer import read as read_metrics
 from retina_jax.train import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Why the momentum queue fails from random init (METHODS.md section 4, issue 4's ablation).
+"""Why the momentum queue fails from random init (docs/methods.md, "ViLReF"; issue 4's ablation).
 
 Runs `wscl` and `wscl_queue` of benchmarks/vilref_ablation.py from the same init and data order
 and, before every step, splits the WSCL gradient on the online query features by key:

@@ -125,8 +125,8 @@ def get_config() -> ml_collections.ConfigDict:
     # mean/std normalisation (ViLReF / Chinese-CLIP / OpenAI CLIP).
     c.data.preprocess = "flair"
     # What a training example is: 'flair' = image + FLAIR prompt from its categories, positives by
-    # category id (METHODS.md section 1); 'reports' = image + its report + the multi-hot finding
-    # labels the expert-knowledge extractor reads off the report (ViLReF, section 4).
+    # category id (docs/methods.md, "FLAIR"); 'reports' = image + its report + the multi-hot finding
+    # labels the expert-knowledge extractor reads off the report ("ViLReF").
     c.data.stream = "flair"
     c.data.reports = ml_collections.ConfigDict()
     c.data.reports.language = "zh"  # the synthetic corpus writes every report in 'en' and 'zh'
@@ -156,7 +156,7 @@ def get_config() -> ml_collections.ConfigDict:
     # of its expert descriptions, uniformly over [name] + descriptions.
     c.data.prompt_template = "A {atr} fundus photograph of {cls}"
     c.data.description_swap = True
-    # KeepFIT's expert stream (METHODS.md section 2): image-caption pairs (MM-Retinal's role), one
+    # KeepFIT's expert stream (docs/methods.md, "KeepFIT"): image-caption pairs (MM-Retinal's role), one
     # batch of `batch_size` (global) per step beside the public batch, drawn uniformly WITH
     # replacement, captions tokenised as they are (no prompt template), images without augmentation.
     # The embedded default is a separate synthetic corpus (seed `seed`, `size` examples, every one
@@ -203,7 +203,7 @@ def get_config() -> ml_collections.ConfigDict:
     # forward ('before_forward'); ViLReF/Chinese-CLIP clamp it after every optimizer step ('after_step').
     c.model.logit_scale_clamp = "before_forward"
     # ViLReF re-initialises logit_scale at the start of every run, resumes included (a quirk of the
-    # original; METHODS.md section 4).
+    # original; docs/methods.md, "ViLReF").
     c.model.logit_scale_reset = False
     # Activations and matmuls in 'bfloat16' or 'float32'; parameters, optimizer state, the
     # embeddings, logits and losses stay float32 either way (RESULTS.md: bf16 vs float32).
@@ -221,7 +221,10 @@ def get_config() -> ml_collections.ConfigDict:
     # | 'vit' (CLIP-layout ViT, ViLReF ViT-B/16). The ViT's learned positions are for data.image_size.
     c.model.img.name = "resnet"
     c.model.img.depth = 50  # resnet
-    c.model.img.width = 64  # resnet
+    c.model.img.width = 64  # resnet: the stem's width
+    # resnet: torchvision's width_per_group, the bottleneck's inner width per 64 stage channels
+    # (128 = wide_resnet50_2 / wide_resnet101_2)
+    c.model.img.width_per_group = 64
     c.model.img.stage_sizes = ()  # resnet; () = the depth's own block counts
     c.model.img.vit = ml_collections.ConfigDict()
     c.model.img.vit.patch_size = 16
@@ -246,7 +249,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.txt.add_pooler = True
     c.model.txt.layer_norm_eps = 1e-12
     c.model.txt.type_vocab_size = 2
-    # KeepFIT's knowledge attention (param tree `knowledge`; METHODS.md section 2): 2 heads over
+    # KeepFIT's knowledge attention (param tree `knowledge`; docs/methods.md, "KeepFIT"): 2 heads over
     # embed_dim, bias-free q/k/v/out, dropout on the weights; softmax over 'heads' (the original's
     # quirk, default) or 'keys' (textbook attention).
     c.model.knowledge = ml_collections.ConfigDict()
@@ -254,7 +257,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.knowledge.heads = 2
     c.model.knowledge.dropout = 0.5
     c.model.knowledge.softmax_axis = "heads"
-    # KeepFIT V2's CoCa-style caption decoder (param tree `decoder`; METHODS.md section 3): causal
+    # KeepFIT V2's CoCa-style caption decoder (param tree `decoder`; docs/methods.md, "KeepFIT V2"): causal
     # self-attention + cross-attention to the image tower's spatial tokens, trained on the expert
     # captions with weight loss.keepfit.gen_weight.
     c.model.decoder = ml_collections.ConfigDict()
@@ -269,7 +272,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "flair"  # 'flair' | 'clip' | 'wscl'
     c.loss.scope = "global"  # 'global' (ours) | 'local' (per-device, as the original)
-    # ViLReF's Weighted Similarity Coupling Loss (METHODS.md section 4): how label dissimilarity
+    # ViLReF's Weighted Similarity Coupling Loss (docs/methods.md, "ViLReF"): how label dissimilarity
     # weights the negatives ('similarity' | 'log' | 'none') and ALBEF momentum distillation (0 = off).
     c.loss.wscl = ml_collections.ConfigDict()
     c.loss.wscl.coupling = "similarity"
@@ -286,7 +289,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.keepfit.gen_weight = 0.0
 
     # -------------------------------------------------------------------------------- mlm
-    # KeepFIT V2 stage `text` (METHODS.md section 3): whole-word masked language modelling of the
+    # KeepFIT V2 stage `text` (docs/methods.md, "KeepFIT V2"): whole-word masked language modelling of the
     # text tower alone on a plain-text corpus ('synthetic' = the synthetic reports and expert
     # captions, or a folder of .txt files, one text per line); the last `heldout_size` texts are
     # held out for the masked-token accuracy.
@@ -337,6 +340,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.max_to_keep = 3
     c.train.async_checkpoint = True
     c.train.progress = True
+    # Multi-host runs agree on stopping after SIGTERM (a host all-gather) every this many steps; one
+    # process checks its own signal after every step.
+    c.train.stop_check_every = 10
 
     # ----------------------------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()
@@ -353,7 +359,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.zero_shot.seed = 10_007  # never used for training (validate checks)
     c.eval.zero_shot.size = 600
     c.eval.zero_shot.difficulty = 0.0
-    # ViLReF's multi-label transfer (METHODS.md section 4): a sigmoid head on the pre-projection
+    # ViLReF's multi-label transfer (docs/methods.md, "ViLReF"): a sigmoid head on the pre-projection
     # image feature of a COPY of the model, on held-out synthetic images with their finding labels.
     c.eval.linear_probe = ml_collections.ConfigDict()
     c.eval.linear_probe.enabled = False

@@ -1,4 +1,4 @@
-r"""FLAIR pretraining (Silva-Rodriguez et al., MedIA 2024; METHODS.md section 1).
+r"""FLAIR pretraining (Silva-Rodriguez et al., MedIA 2024; docs/methods.md, "FLAIR").
 
 Paper settings: ResNet-50 + BERT-base (Bio_ClinicalBERT layout), 512 px, global batch 128,
 AdamW lr 1e-4 wd 1e-5, 1 warm-up epoch, cosine with a 100-epoch horizon while training 15 epochs.

@@ -1,4 +1,4 @@
-r"""KeepFIT (MM-Retinal, MICCAI 2024; METHODS.md section 2): FLAIR plus an expert image-caption stream.
+r"""KeepFIT (MM-Retinal, MICCAI 2024; docs/methods.md, "KeepFIT"): FLAIR plus an expert image-caption stream.
 
 Every step trains on one public batch (FLAIR's categorical prompts, FLAIR's loss) and one expert
 batch (image + caption pairs drawn uniformly with replacement, no augmentation, captions as they

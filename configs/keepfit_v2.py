@@ -1,4 +1,4 @@
-r"""KeepFIT V2 (MM-Retinal V2, 2025; METHODS.md section 3, [recon]): two stages on KeepFIT.
+r"""KeepFIT V2 (MM-Retinal V2, 2025; docs/methods.md, "KeepFIT V2"): two stages on KeepFIT.
 
 Stage `text` (`:stage=text`): whole-word masked language modelling of the text tower alone on a
 plain-text corpus (MM-Retinal-Text's role: the synthetic reports and expert captions, or

@@ -100,7 +100,7 @@ def get_config(arg=None):
     c.momentum.queue_size = 65_536
     c.momentum.key_features = "momentum"
 
-    c.optim.lr = 3e-5  # the released 1e-2 is implausible (METHODS.md section 4)
+    c.optim.lr = 3e-5  # the released 1e-2 is implausible (docs/methods.md, "ViLReF")
     c.optim.b1 = 0.9
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6

@@ -6,7 +6,7 @@ writes to a temporary directory and renames it when complete), so a run killed m
 its previous checkpoint. Restores go to the abstract state's shardings, so a checkpoint written on
 one mesh restores onto another.
 
-Resume order (ARCHITECTURE.md): the workdir's own latest checkpoint > `config.resume` (another
+Resume order (docs/architecture.md, "Resume order"): the workdir's own latest checkpoint > `config.resume` (another
 run's checkpoint directory: full state and data position) > `config.model_init` (params and
 batch_stats only) > scratch.
 
@@ -25,6 +25,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_utils
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter=None, step: i
 
 
 MANIFEST = "manifest.json"
+VARIABLE_TREES = ("params", "batch_stats")  # what model_init and the predictor read
 
 
 def resolve(path: str) -> str:
@@ -126,18 +128,25 @@ def save_variables(out_dir: str, variables: dict, manifest: dict) -> str:
 
 
 def restore_variables(directory: str, sharding, step: int | None = None) -> dict:
-    """`params` and `batch_stats` of another run's or a converted checkpoint (config.model_init)."""
+    """`params` and `batch_stats` of another run's or a converted checkpoint (config.model_init, the
+    predictor). Only those two trees are read (orbax partial restore): a run's Adam moments, EMA
+    copy and queues stay on disk."""
     directory = resolve(directory)
     mngr = manager(directory, read_only=True)
     step = mngr.latest_step() if step is None else step
+    mngr.close()
     if step is None:
         raise FileNotFoundError(f"config.model_init: no finalized checkpoint in {directory}")
-    meta = mngr.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    mngr.close()
-    # A ViT model has no BatchNorm: its empty batch_stats tree may not come back from orbax.
-    return {"params": state["params"], "batch_stats": state.get("batch_stats", {}) or {}}
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(path).item_metadata
+    saved = getattr(saved, "tree", saved)
+    # A model without BatchNorm (ViT) saved an empty batch_stats tree, which orbax may not list.
+    wanted = {k: saved[k] for k in VARIABLE_TREES if saved.get(k)}
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {}) or {}}
 
 
 def _shapes(tree) -> dict[str, tuple]:

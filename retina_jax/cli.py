@@ -18,7 +18,7 @@ def trainer_from_flags(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from retina_jax import distributed
-    from retina_jax.metrics import quiet_library_logs
+    from retina_jax.metric_writer import quiet_library_logs
     from retina_jax.train import Trainer
 
     # Before anything touches a device: one process per host joins the pod's runtime (a no-op alone).

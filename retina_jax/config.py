@@ -14,20 +14,20 @@ import ml_collections
 # The allowed values of each switch are owned by the module that implements it.
 from retina_jax.data.files import FORMATS as FILE_FORMATS, MIXING, ON_ERROR
 from retina_jax.data.labels import LANGUAGES as REPORT_LANGUAGES
+from retina_jax.errors import ConfigError
 from retina_jax.data.synthetic import MODALITIES
 from retina_jax.data.transforms import AUGMENT_KINDS, PREPROCESS_MODES
 from retina_jax.evals.zeroshot import LANGUAGES as PROMPT_LANGUAGES
 from retina_jax.losses import WSCL_COUPLINGS
-from retina_jax.momentum import SCHEDULES as MOMENTUM_SCHEDULES, check_queue_size
+from retina_jax import methods
 from retina_jax.models.bert import TEXT_POOLING_MODES
-from retina_jax.models.knowledge import KNOWLEDGE_SOFTMAX_AXES
+from retina_jax.models.knowledge_attention import KNOWLEDGE_SOFTMAX_AXES
 from retina_jax.models.two_tower import IMAGE_TOWERS, PROJECTIONS
 from retina_jax.sharding import PARAM_SHARDINGS, mesh_shape
 
 LOSSES = ("flair", "clip", "wscl")
 STREAMS = ("flair", "reports")
 REPORT_LABELS = ("extract", "given")
-MOMENTUM_KEYS = ("momentum", "online")
 LOGIT_SCALE_CLAMPS = ("before_forward", "after_step")
 LOSS_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
@@ -35,10 +35,6 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 
 
 DATA_SOURCES = ("synthetic", "files")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message lists every offending field."""
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -148,83 +144,31 @@ def validate(config, num_devices: int) -> None:
           "'flair' needs the category ids of data.stream='flair'")
     check(config.loss.name != "wscl" or config.data.stream == "reports", "loss.name",
           "'wscl' needs the label vectors of data.stream='reports'")
-    e, k = config.data.expert, config.loss.keepfit
-    if e.enabled:
-        check(e.batch_size > 0 and e.batch_size % max(batch_shards, 1) == 0, "data.expert.batch_size",
-              f"global expert batch {e.batch_size} must be a positive multiple of the {batch_shards} data x fsdp devices")
-        check(e.size >= e.batch_size, "data.expert.size", f"{e.size} examples cannot fill one expert batch "
-              f"of {e.batch_size}")
-        check(e.seed not in (config.data.synthetic.seed, config.eval.zero_shot.seed), "data.expert.seed",
-              f"{e.seed} must differ from the public corpus and held-out seeds")
-        check(config.data.stream == "flair" and config.loss.name == "flair", "data.expert.enabled",
-              "KeepFIT's expert stream goes with the FLAIR public stream and loss (data.stream='flair', "
-              "loss.name='flair')")
-        check(k.mm_weight >= 0 and k.rev_weight >= 0 and k.gen_weight >= 0, "loss.keepfit",
-              "mm_weight, rev_weight and gen_weight must be >= 0")
-        check(k.mm_weight > 0 or k.rev_weight > 0 or k.gen_weight > 0, "loss.keepfit",
-              "mm_weight, rev_weight and gen_weight are all 0: the expert stream would not train anything")
-        check(k.rev_weight == 0 or config.model.knowledge.enabled, "loss.keepfit.rev_weight",
-              f"{k.rev_weight} needs the knowledge attention (model.knowledge.enabled=True)")
+    e = config.data.expert
     unknown = sorted(set(e.modalities) - set(MODALITIES))
     check(bool(e.modalities) and not unknown, "data.expert.modalities",
           f"{tuple(e.modalities)} must be a non-empty subset of {MODALITIES}")
     check(not e.modality_weights or len(e.modality_weights) == len(e.modalities), "data.expert.modality_weights",
           f"{len(e.modality_weights)} weights for {len(e.modalities)} modalities (() = uniform)")
-    d = config.model.decoder
-    check((k.gen_weight > 0) == bool(d.enabled), "loss.keepfit.gen_weight",
-          f"{k.gen_weight} with model.decoder.enabled={d.enabled}: the caption decoder trains exactly when "
-          "gen_weight > 0")
-    if d.enabled:
-        check(e.enabled, "model.decoder.enabled", "the caption decoder learns from the expert captions "
-              "(data.expert.enabled=True)")
-        check(img.name == "resnet", "model.decoder.enabled",
-              f"its spatial image tokens are implemented for model.img.name='resnet', not {img.name!r}")
-        check(d.width % d.heads == 0, "model.decoder.heads", f"width {d.width} is not divisible by {d.heads} heads")
     cap = config.eval.captions
     if cap.enabled:
-        check(d.enabled, "eval.captions.enabled", "needs the caption decoder (model.decoder.enabled=True)")
+        check(config.model.decoder.enabled, "eval.captions.enabled",
+              "needs the caption decoder (model.decoder.enabled=True)")
         check(cap.beam_size >= 1, "eval.captions.beam_size", f"{cap.beam_size} must be >= 1 (1 = greedy)")
         check(2 <= cap.max_len <= config.text.max_len, "eval.captions.max_len",
               f"{cap.max_len} must be in [2, text.max_len={config.text.max_len}]")
         check(cap.seed not in (e.seed, config.data.synthetic.seed), "eval.captions.seed",
               f"{cap.seed} must differ from the training and expert corpus seeds")
         check(cap.size > 0, "eval.captions.size", "must be > 0")
-    mlm = config.mlm
-    if mlm.enabled:
-        check(0.0 < mlm.mask_prob < 1.0, "mlm.mask_prob", f"{mlm.mask_prob} must be in (0, 1)")
-        check(mlm.heldout_size > 0, "mlm.heldout_size", "must be > 0 (the held-out masked-token accuracy)")
-        check(mlm.corpus == "synthetic" or os.path.isdir(mlm.corpus), "mlm.corpus",
-              f"{mlm.corpus!r} is neither 'synthetic' nor a folder of .txt files")
-        others = (e.enabled, config.momentum.enabled, config.momentum.queue_size, d.enabled,
-                  config.model.knowledge.enabled)
-        check(not any(others), "mlm.enabled", "stage `text` trains the text tower alone: turn off data.expert, momentum, "
-              "model.knowledge and model.decoder")
     check(not config.model_init_trees or bool(config.model_init), "model_init_trees",
           f"{tuple(config.model_init_trees)} given without model_init")
     check(config.loss.wscl.coupling in WSCL_COUPLINGS, "loss.wscl.coupling",
           f"{config.loss.wscl.coupling!r} not in {WSCL_COUPLINGS}")
     check(0.0 <= config.loss.wscl.alpha <= 1.0, "loss.wscl.alpha", "must be in [0, 1]")
-    m = config.momentum
-    check(0.0 <= m.decay < 1.0, "momentum.decay", f"{m.decay} must be in [0, 1)")
-    check(m.key_features in MOMENTUM_KEYS, "momentum.key_features", f"{m.key_features!r} not in {MOMENTUM_KEYS}")
-    check(m.enabled or m.key_features == "online", "momentum.key_features", "'momentum' keys need momentum.enabled=True")
-    check(m.enabled or config.loss.wscl.alpha == 0, "loss.wscl.alpha",
-          "momentum distillation (alpha > 0) needs momentum.enabled=True")
-    check(not m.enabled or config.loss.name == "wscl", "momentum.enabled",
-          f"the momentum model feeds only the 'wscl' loss, not {config.loss.name!r}")
-    if m.queue_size:
-        check(config.loss.name == "wscl", "momentum.queue_size", f"queues feed only the 'wscl' loss, not "
-              f"{config.loss.name!r}")
-        try:
-            check_queue_size(m.queue_size, config.data.batch_size)
-        except ValueError as e:
-            check(False, "momentum.queue_size", f"{e} (data.batch_size)")
-    check(m.queue_size >= 0, "momentum.queue_size", "must be >= 0 (0 = no queue)")
-    check(m.schedule in MOMENTUM_SCHEDULES, "momentum.schedule", f"{m.schedule!r} not in {MOMENTUM_SCHEDULES}")
-    check(m.queue_start_step >= 0, "momentum.queue_start_step", "must be >= 0 (0 = the queue from the first step)")
-    check(not m.queue_start_step or (m.enabled and m.queue_size > 0), "momentum.queue_start_step",
-          "needs momentum.enabled=True and momentum.queue_size > 0")
-    check(0.0 < m.queue_max_fraction <= 1.0, "momentum.queue_max_fraction", "must be in (0, 1]")
+    try:
+        errors += methods.check(config, num_devices)
+    except ConfigError as err:  # an unknown config.method
+        errors.append(str(err).split("\n  ", 1)[1])
     check(config.model.logit_scale_clamp in LOGIT_SCALE_CLAMPS, "model.logit_scale_clamp",
           f"{config.model.logit_scale_clamp!r} not in {LOGIT_SCALE_CLAMPS}")
     check(config.eval.zero_shot.language in PROMPT_LANGUAGES, "eval.zero_shot.language",
@@ -244,6 +188,7 @@ def validate(config, num_devices: int) -> None:
     check(config.train.epochs > 0, "train.epochs", "must be > 0")
     check(config.train.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
     check(config.train.log_every > 0, "train.log_every", "must be > 0")
+    check(config.train.stop_check_every > 0, "train.stop_check_every", "must be > 0")
     check(config.eval.zero_shot.seed != config.data.synthetic.seed, "eval.zero_shot.seed",
           f"held-out seed equals the training corpus seed {config.data.synthetic.seed}")
     check(len(config.eval.zero_shot.classes) >= 2, "eval.zero_shot.classes", "needs at least 2 classes")

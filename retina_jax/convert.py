@@ -1,5 +1,5 @@
 r"""Convert a released PyTorch / Hugging Face checkpoint into one `config.model_init` loads
-(METHODS.md section 5).
+(docs/methods.md, "Checkpoint interoperability").
 
   python -m retina_jax.convert --from flair flair_resnet.pth --tokenizer Bio_ClinicalBERT/ --out ckpt/flair
   python -m retina_jax.convert --from keepfit keepfit.pth --tokenizer Bio_ClinicalBERT/ --out ckpt/keepfit
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 
 from retina_jax import checkpointing
-from retina_jax.models import convert as convert_lib
+from retina_jax.models import importers
 from retina_jax.models.checkpoint_io import read_state_dict
 
 SOURCES = ("flair", "keepfit", "vilref", "hf-bert", "torchvision-resnet", "openai-clip")
@@ -63,25 +64,36 @@ def _vocab_size(tokenizer_dir: str) -> int:
 
 
 def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | None = None,
-            image_size: int | None = None, trust_pickle: bool = False) -> dict:
-    """Convert `source` and write `out_dir`; returns the manifest."""
+            image_size: int | None = None, trust_pickle: bool = False, text_heads: int | None = None,
+            image_heads: int | None = None, text_config: str | None = None) -> dict:
+    """Convert `source` and write `out_dir`; returns the manifest. Head counts are not in the
+    weights: `text_config` (the text tower's Hugging Face config.json), `text_heads` and
+    `image_heads` give them; otherwise the original's rule is assumed and listed in the manifest's
+    `assumed`."""
     if source_kind not in SOURCES:
         raise ValueError(f"--from {source_kind!r} not in {SOURCES}")
     checkpointing.check_new_output(out_dir)  # before the (slow) reading and converting
     state, hf_config = read_state_dict(source, trust_pickle=trust_pickle)
     num_keys = len(state)
+    txt_config = _read_json(text_config) if text_config else None
+    if image_heads and source_kind not in ("vilref", "openai-clip"):
+        raise ValueError(f"--image-heads applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
+    if (text_heads or txt_config) and source_kind in ("openai-clip", "torchvision-resnet"):
+        raise ValueError(f"--text-heads / --text-config: {source_kind} has no text tower to import")
     if source_kind in ("flair", "keepfit"):
-        converted = convert_lib.import_flair(state, knowledge=source_kind == "keepfit")
+        converted = importers.import_flair(state, knowledge=source_kind == "keepfit", text_config=txt_config,
+                                             text_heads=text_heads)
     elif source_kind == "vilref":
-        converted = convert_lib.import_vilref(state, image_size=image_size)
+        converted = importers.import_vilref(state, image_size=image_size, image_heads=image_heads,
+                                              text_config=txt_config, text_heads=text_heads)
     elif source_kind == "openai-clip":
-        converted = convert_lib.import_openai_clip(state, image_size=image_size)
+        converted = importers.import_openai_clip(state, image_size=image_size, image_heads=image_heads)
     elif source_kind == "torchvision-resnet":
-        converted = convert_lib.import_torchvision_resnet(state)
+        converted = importers.import_torchvision_resnet(state)
     else:
         if hf_config is None:
             raise FileNotFoundError(f"--from hf-bert needs a Hugging Face directory with config.json: {source}")
-        converted = convert_lib.import_hf_bert(state, hf_config)
+        converted = importers.import_hf_bert(state, txt_config or hf_config, text_heads)
         tokenizer = tokenizer or source  # HF directories carry their tokenizer
     if image_size and source_kind not in ("vilref", "openai-clip"):
         raise ValueError(f"--image-size only applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
@@ -110,10 +122,20 @@ def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | Non
         "source_keys": num_keys,
         "contains": {"params": {k: count(v) for k, v in params.items()},
                      "batch_stats": {k: count(v) for k, v in batch_stats.items()}},
-        "config": config, "suggested": suggested, "dropped": converted.dropped,
+        "config": config, "suggested": suggested, "dropped": converted.dropped, "assumed": converted.assumed,
     }
     checkpointing.save_variables(out_dir, converted.variables, manifest)
     return manifest
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--text-config {path}: not a file (a Hugging Face config.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--text-config {path}: not JSON ({e})") from e
 
 
 def train_flags(manifest: dict, out_dir: str) -> str:
@@ -135,12 +157,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory (must not hold a converted checkpoint)")
     parser.add_argument("--tokenizer", help="tokenizer directory (tokenizer.json or vocab.txt) to ship with it")
     parser.add_argument("--image-size", type=int, help="CLIP towers: resample the learned positions to this size")
+    parser.add_argument("--text-heads", type=int, help="text tower attention heads (default: config.json, else "
+                        "hidden size / 64)")
+    parser.add_argument("--text-config", help="the text tower's Hugging Face config.json (heads, eps, ...)")
+    parser.add_argument("--image-heads", type=int, help="CLIP image tower attention heads (default: CLIP's rule)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow torch checkpoints that pickle non-tensor objects (executes code from the file)")
     args = parser.parse_args(argv)
     try:
         manifest = convert(args.source_kind, args.source, args.out, tokenizer=args.tokenizer,
-                           image_size=args.image_size, trust_pickle=args.trust_pickle)
+                           image_size=args.image_size, trust_pickle=args.trust_pickle, text_heads=args.text_heads,
+                           image_heads=args.image_heads, text_config=args.text_config)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -150,6 +177,8 @@ def main(argv=None) -> int:
             print(f"  {collection}/{tree}: {n:,} values")
     for key, why in manifest["dropped"].items():
         print(f"  left out {key}: {why}")
+    for field, why in manifest["assumed"].items():
+        print(f"  assumed {field} = {why}")
     print("train on from it with:\n  python -m retina_jax.main --config configs/<method>.py "
           + train_flags(manifest, args.out))
     print(f"predict with:\n  python -m retina_jax.predict --checkpoint {args.out} --image IMAGE --classes \"a,b\"")

@@ -25,6 +25,7 @@ import os
 from typing import Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 MODES = ("off", "auto", "manual")
@@ -103,3 +104,30 @@ def initialize(env: Mapping[str, str] | None = None) -> Settings:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return settings
+
+
+class PreemptionCheck:
+    """Whether to stop after a step: True on every process once any one of them was sent SIGTERM,
+    so that all save the same step (a checkpoint is written collectively) and exit together.
+
+    With several processes the host flags are all-gathered, a blocking collective that stops the
+    host from loading the next batch while the step runs; so it happens only every `every` steps
+    (`train.stop_check_every`), the same steps on every process. One process checks its own flag
+    at every step for free.
+    """
+
+    def __init__(self, local_flag, every: int, process_count: int | None = None, allgather=None):
+        self.local_flag, self.every = local_flag, max(1, every)
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if allgather is None:
+            from jax.experimental import multihost_utils
+            allgather = multihost_utils.process_allgather
+        self.allgather = allgather
+
+    def requested(self, done: int) -> bool:
+        local = bool(self.local_flag())
+        if self.process_count == 1:
+            return local
+        if done % self.every:
+            return False
+        return bool(np.any(self.allgather(np.asarray([local]))))

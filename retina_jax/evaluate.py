@@ -60,11 +60,12 @@ def run_suite(trainer, state) -> dict:
         suite.get_protocol(name)  # unknown names fail before any work
     out_dir = OUT.value or os.path.join(trainer.workdir, "transfer")
     tasks, features, summary = {}, {}, {}
+    encoder = trainer.encoder.at(state.params, state.batch_stats)
 
     def load(name):
         if name not in tasks:
             tasks[name] = suite.load_task(trainer.config, name, DATA_ROOT.value, options)
-            features[name] = suite.TaskFeatures(trainer, state, tasks[name])
+            features[name] = suite.TaskFeatures(trainer.config, encoder, tasks[name])
         return features[name]
 
     for protocol in protocols:
@@ -72,7 +73,9 @@ def run_suite(trainer, state) -> dict:
         # External test sets belong to the classification protocols (the others run without them).
         per_fold = suite.get_protocol(protocol).per_fold
         externals = [load(n) for n in TEST_TASK.value or ()] if per_fold else []
-        result = suite.run_protocol(trainer, state, protocol, load(name).task, out_dir, shots_train=SHOTS_TRAIN.value,
+        result = suite.run_protocol(trainer.config, encoder, protocol, load(name).task, out_dir,
+                                    checkpoint=trainer.workdir, step=int(jax.device_get(state.step)),
+                                    shots_train=SHOTS_TRAIN.value,
                                     shots_test=SHOTS_TEST.value, shots_val=SHOTS_VAL.value, folds=FOLDS.value,
                                     options=options, features=load(name), externals=externals)
         entry = {"task": name, "report": result["report"]["markdown"], "seconds": round(result["seconds"], 2)}

@@ -1,15 +1,15 @@
 """Contrastive loss terms as pure functions on arrays.
 
-- `clip_loss`: CLIP InfoNCE (identity targets), used by KeepFIT's expert stream (METHODS.md section 2).
-- `keepfit_loss`: KeepFIT's `L_pub + w_mm * L_mm + w_rev * L_rev` (METHODS.md section 2): FLAIR's
+- `clip_loss`: CLIP InfoNCE (identity targets), used by KeepFIT's expert stream (docs/methods.md, "KeepFIT").
+- `keepfit_loss`: KeepFIT's `L_pub + w_mm * L_mm + w_rev * L_rev` (docs/methods.md, "KeepFIT"): FLAIR's
   loss on the public batch, CLIP's on the expert pairs, and `revision_loss`, the MSE between the
   public text embeddings and the knowledge attention's revision.
-- `flair_loss`: FLAIR's label-aware soft CLIP loss (METHODS.md section 1): rows/columns whose
+- `flair_loss`: FLAIR's label-aware soft CLIP loss (docs/methods.md, "FLAIR"): rows/columns whose
   *original* category ids are equal are all positives, with the target spread uniformly over them.
 - `token_cross_entropy`: KeepFIT V2's masked-LM loss (stage `text`) and caption loss (stage `vl`,
-  METHODS.md section 3): cross-entropy over the weighted tokens, normalised by the weight sum of the
+  docs/methods.md, "KeepFIT V2"): cross-entropy over the weighted tokens, normalised by the weight sum of the
   GLOBAL batch, so the value does not depend on how the batch is split over devices.
-- `wscl_loss`: ViLReF's Weighted Similarity Coupling Loss (METHODS.md section 4, [recon]): keys are
+- `wscl_loss`: ViLReF's Weighted Similarity Coupling Loss (docs/methods.md, "ViLReF"; reconstructed): keys are
   the in-batch items plus a queue, negatives are weighted by label dissimilarity, false negatives
   (identical label sets) and invalid queue slots are dropped.
 
@@ -214,7 +214,7 @@ def wscl_loss(zimg: jax.Array, ztxt: jax.Array, labels: jax.Array, logit_scale: 
               coupling: str = "similarity", alpha: float = 0.0,
               momentum_img: jax.Array | None = None, momentum_txt: jax.Array | None = None,
               row_sharding=None) -> jax.Array:
-    """ViLReF's WSCL, both directions averaged (METHODS.md section 4).
+    """ViLReF's WSCL, both directions averaged (docs/methods.md, "ViLReF").
 
     zimg, ztxt [B, D]: the online embeddings (queries). labels [B, C] multi-hot. Keys are
     `keys_img`/`keys_txt` [B, D] (the momentum features, ALBEF; default: the online ones) followed

@@ -1,5 +1,5 @@
-"""Momentum (EMA) encoders and feature queues for ViLReF's batch expansion (METHODS.md section 4,
-[recon, ALBEF mechanics]).
+"""Momentum (EMA) encoders and feature queues for ViLReF's batch expansion (docs/methods.md,
+"ViLReF": reconstructed, ALBEF mechanics).
 
 - `ema_update`: `p_m <- m * p_m + (1 - m) * p` over a whole parameter tree (same tree, same
   shardings as the online parameters); the momentum copy never receives gradients.

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule from the config (METHODS.md section 1 training recipe).
+"""Optimizer and learning-rate schedule from the config (docs/methods.md, "FLAIR", Training recipe).
 
 AdamW with per-step linear warm-up followed by a cosine decay whose horizon (`schedule_epochs`) is
 separate from the training length: FLAIR warms up for 1 epoch and decays over a 100-epoch cosine

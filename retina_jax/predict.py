@@ -1,5 +1,5 @@
 r"""Zero-shot prediction on real photographs with a retina_jax or converted checkpoint
-(FLAIR's transfer protocol, METHODS.md section 1; CLIP/ViLReF preprocessing, section 4).
+(FLAIR's transfer protocol, docs/methods.md, "FLAIR"; CLIP/ViLReF preprocessing, "ViLReF").
 
   python -m retina_jax.predict --checkpoint workdirs/flair_demo \
       --image fundus1.jpg fundus2.png --classes "normal,diabetic retinopathy,glaucoma" [--json out.json]
@@ -30,8 +30,6 @@ from retina_jax.data import transforms
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.evals import zeroshot
 from retina_jax.models.two_tower import build_model
-
-DEFAULT_TEMPLATES = ("A fundus photograph of {}",)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -121,18 +119,22 @@ class Predictor:
         ids, mask = self.tokenize(texts)
         return np.asarray(self._encode_text(self.variables, ids, mask))
 
-    def prototypes(self, classes, templates=DEFAULT_TEMPLATES, use_descriptions: bool = True,
-                   language: str = "en") -> np.ndarray:
+    def prototypes(self, classes, templates=None, use_descriptions: bool = True, language: str | None = None
+                   ) -> np.ndarray:
+        """[C, D] class prototypes; templates and language default to the run's own zero-shot prompts
+        (`eval.zero_shot.templates` / `.language`: Chinese for ViLReF)."""
+        z = self.config.eval.zero_shot
         descriptions = None if use_descriptions else {}
         return zeroshot.class_prototypes(lambda ids, mask: self._encode_text(self.variables, ids, mask), self.tokenize,
-                                         classes, templates, descriptions, require_descriptions=False,
-                                         language=language)
+                                         classes, tuple(templates or z.templates), descriptions,
+                                         require_descriptions=False, language=language or z.language)
 
-    def predict(self, paths, classes, templates=DEFAULT_TEMPLATES, use_descriptions: bool = True,
-                batch_size: int = 8, language: str = "en") -> list[dict]:
+    def predict(self, paths, classes, templates=None, use_descriptions: bool = True, batch_size: int = 8,
+                language: str | None = None) -> list[dict]:
         """Per image: {'image', 'probs': {class: p}, 'top'}; every image is read before any compute.
-        `language='zh'` prompts a Chinese-trained model (ViLReF) with the classes' Chinese names
-        and descriptions (English class names in, as the zero-shot evaluation takes them)."""
+        Prompts as `prototypes`: the run's templates and language unless given (`language='zh'`:
+        the classes' Chinese names and descriptions; English class names in, as the zero-shot
+        evaluation takes them)."""
         if len(classes) < 2:
             raise ValueError(f"need at least 2 classes, got {list(classes)}")
         images = [read_image(p) for p in paths]
@@ -157,20 +159,26 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="training run directory or converted checkpoint")
     parser.add_argument("--image", nargs="+", required=True, help="image files (JPEG, PNG, ...; any size)")
     parser.add_argument("--classes", required=True, help="comma-separated class names")
-    parser.add_argument("--template", action="append", help=f"prompt template(s) with {{}}; default {DEFAULT_TEMPLATES}")
+    parser.add_argument("--template", action="append",
+                        help="prompt template(s) with {}; default: the run's eval.zero_shot.templates")
+    parser.add_argument("--language", choices=zeroshot.LANGUAGES,
+                        help="prompt language; default: the run's eval.zero_shot.language (zh for ViLReF)")
     parser.add_argument("--no-descriptions", action="store_true", help="prompt class names only (no expert descriptions)")
     parser.add_argument("--tokenizer", help="tokenizer directory, if the checkpoint carries none")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    templates = tuple(args.template or DEFAULT_TEMPLATES)
     try:
-        for t in templates:
+        for t in args.template or ():
             if "{}" not in t:
                 raise ValueError(f"--template {t!r} has no {{}} for the class text")
         predictor = Predictor.load(args.checkpoint, args.tokenizer)
-        results = predictor.predict(args.image, classes, templates, not args.no_descriptions, args.batch_size)
+        templates = tuple(args.template or predictor.config.eval.zero_shot.templates)
+        language = args.language or predictor.config.eval.zero_shot.language
+        print(f"prompts: language {language}, templates {list(templates)}", file=sys.stderr)
+        results = predictor.predict(args.image, classes, templates, not args.no_descriptions, args.batch_size,
+                                    language)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,6 +186,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": os.path.abspath(args.checkpoint), "classes": classes, "templates": list(templates),
+                       "language": language,
                        "preprocess": predictor.config.data.preprocess, "image_size": predictor.config.data.image_size,
                        "results": results}, f, indent=2)
     return 0

@@ -1,4 +1,4 @@
-"""Device mesh and shardings from the config (ARCHITECTURE.md: jit with NamedSharding).
+"""Device mesh and shardings from the config (docs/architecture.md, "Sharding and checkpoints").
 
 The mesh has two axes, `data` x `fsdp` (`config.mesh`). The batch is sharded over both (every
 device holds B / (data * fsdp) rows), and so are the rows of the contrastive logits, so a device
@@ -13,7 +13,7 @@ Parameters follow `config.mesh.param_sharding`:
   exactly like the parameters they follow. XLA all-gathers each layer's parameters where the
   step uses them and reduce-scatters their gradients.
 BatchNorm statistics, the RNG, the step counter and ViLReF's queues are always replicated: the
-queues are read whole by every device's rows of the loss (METHODS.md section 4).
+queues are read whole by every device's rows of the loss (docs/methods.md, "ViLReF").
 
 Axes are created as `AxisType.Auto`: this jax defaults `make_mesh` to Explicit axes, under which
 Linen modules fail with ShardingTypeError.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -40,15 +40,28 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(mesh_config) -> Mesh:
+    """The `data` x `fsdp` mesh laid out by `jax.make_mesh` from the device topology (neighbouring
+    chips on the fast `fsdp` axis), not in `jax.devices()` list order.
+
+    A mesh smaller than the machine (an explicit `mesh.data`) runs on the first devices with a
+    warning naming how many sit idle; with several processes it is refused, since every process
+    must hold its part of the mesh.
+    """
     devices = jax.devices()
     data, fsdp = mesh_shape(mesh_config, len(devices))
     if data < 1 or fsdp < 1 or data * fsdp > len(devices):
         raise ValueError(f"config.mesh: data={mesh_config.data} x fsdp={mesh_config.fsdp} needs "
                          f"{data * fsdp} devices, {len(devices)} available")
-    # jax.devices() lists each process's devices together, so an `fsdp` group (a row) stays on one
-    # host as long as fsdp <= local devices: its all-gathers never cross the slower host links.
-    return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), BATCH_AXES,
-                axis_types=(AxisType.Auto, AxisType.Auto))
+    auto = (AxisType.Auto, AxisType.Auto)
+    if data * fsdp == len(devices):
+        return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto)
+    if jax.process_count() > 1:
+        raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} uses {data * fsdp} of the {len(devices)} devices of "
+                         f"{jax.process_count()} processes; a multi-process mesh must use every device "
+                         "(mesh.data=-1)")
+    logging.warning("config.mesh: data=%d x fsdp=%d uses %d of the %d devices; %d stay idle", data, fsdp,
+                    data * fsdp, len(devices), len(devices) - data * fsdp)
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto, devices=devices[:data * fsdp])
 
 
 def num_batch_shards(mesh: Mesh) -> int:

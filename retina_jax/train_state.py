@@ -1,7 +1,7 @@
 """The train state: everything a checkpoint must hold to continue a run exactly.
 
 Every field is a pytree updated inside the jitted step and saved and restored with the rest.
-ViLReF's momentum encoders and queues (METHODS.md section 4) live here too: `ema_params` has the
+ViLReF's momentum encoders and queues (docs/methods.md, "ViLReF") live here too: `ema_params` has the
 tree (and shardings) of `params`, `queues` the replicated `momentum.Queues`; both are empty trees
 (`{}`) for methods without them.
 """

@@ -1,4 +1,4 @@
-"""Caption metrics of KeepFIT V2 (METHODS.md section 3, Evaluations): BLEU, ROUGE-L, CIDEr-D."""
+"""Caption metrics of KeepFIT V2 (docs/methods.md, "KeepFIT V2"): BLEU, ROUGE-L, CIDEr-D."""
 import math
 
 import numpy as np
@@ -133,9 +133,9 @@ def _random_corpus(rng):
 
 
 def test_matches_pycocoevalcap_on_random_corpora():
-    coco_bleu = pytest.importorskip("pycocoevalcap.bleu.bleu").Bleu
-    coco_rouge = pytest.importorskip("pycocoevalcap.rouge.rouge").Rouge
-    coco_cider = pytest.importorskip("pycocoevalcap.cider.cider").Cider
+    from pycocoevalcap.bleu.bleu import Bleu as coco_bleu
+    from pycocoevalcap.rouge.rouge import Rouge as coco_rouge
+    from pycocoevalcap.cider.cider import Cider as coco_cider
     rng = np.random.default_rng(0)
     for _ in range(40):
         hyps, refs = _random_corpus(rng)

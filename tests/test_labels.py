@@ -1,4 +1,4 @@
-"""Tests of the expert-knowledge label extractor (METHODS.md section 4, Labels)."""
+"""Tests of the expert-knowledge label extractor (docs/methods.md, "ViLReF")."""
 import json
 import os
 import pickle

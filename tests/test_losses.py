@@ -21,7 +21,7 @@ def _log_softmax(x):
 
 
 def np_flair(zimg, ztxt, cats, logit_scale):
-    """NumPy reference written from METHODS.md section 1, with analytic gradients."""
+    """NumPy reference written from docs/methods.md, "FLAIR", with analytic gradients."""
     s = math.exp(min(max(logit_scale, 0.0), math.log(100.0)))
     same = (cats[:, None] == cats[None, :]).astype(np.float64)
     target = same / same.sum(axis=1, keepdims=True)
@@ -142,7 +142,7 @@ def test_local_scope_groups_the_batch():
 
 
 def np_wscl_direction(sim, label_sim, valid, s, coupling="similarity"):
-    """NumPy reference of one WSCL direction (METHODS.md section 4) from a [B, K] similarity matrix."""
+    """NumPy reference of one WSCL direction (docs/methods.md, "ViLReF") from a [B, K] similarity matrix."""
     b, k = sim.shape
     pos = np.eye(b, k, dtype=bool)
     drop = ((label_sim >= 1 - 1e-6) & ~pos) | ~valid[None, :]  # false negatives, unfilled slots

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from retina_jax.models import bert as bert_lib
-from retina_jax.models import convert
+from retina_jax.models import importers as convert
 from retina_jax.models import resnet as resnet_lib
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 # after the skips: torch_references imports torch
 from torch_references import TorchBasicBlock, TorchBottleneck, random_torch_resnet  # noqa: E402
@@ -219,6 +219,26 @@ def test_resnet_parity_with_torch(bottleneck, stage_sizes, width):
     _assert_close(got, want)
 
 
+def test_wide_resnet_parity_with_torch_and_its_width_read_from_the_shapes():
+    # Review defect: the bottleneck's inner width was tied to the stem's, so torchvision's wide
+    # ResNets (width_per_group=128, wide_resnet50_2) could not be built or imported.
+    tmodel = random_torch_resnet(TorchBottleneck, (1, 2, 1, 1), 16, base_width=128)
+    state = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+    assert state["layer1.0.conv1.weight"].shape[0] == 32 and state["layer1.0.conv3.weight"].shape[0] == 64
+    model = convert.infer_resnet(state)
+    assert (model.width, model.width_per_group, model.stage_sizes) == (16, 128, (1, 2, 1, 1))
+    assert convert.resnet_config_fields(model)["model.img.width_per_group"] == 128
+    variables = convert.resnet_from_torchvision_state_dict(state, model)
+    x = np.random.default_rng(1).uniform(size=(2, 3, 64, 48)).astype(np.float32)
+    with torch.no_grad():
+        want = tmodel(torch.tensor(x)).numpy()
+    got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1))
+    _assert_close(got, want)
+    with pytest.raises(ValueError, match="basic blocks"):
+        resnet_lib.ResNet(depth=18, width_per_group=128).init(jax.random.PRNGKey(0), x[:, :, :32, :32].transpose(
+            0, 2, 3, 1), train=False)
+
+
 def test_resnet_batchnorm_train_updates_stats():
     model = resnet_lib.resnet_tiny()
     x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
@@ -323,7 +343,7 @@ def test_resnet_importer_strict():
 def test_knowledge_attention_softmax_axis(axis):
     """KeepFIT's knowledge attention: the faithful 'heads' softmax (weights sum to 1 across the two
     heads, so the output grows with the number of keys) vs textbook 'keys' attention."""
-    from retina_jax.models.knowledge import KnowledgeAttention
+    from retina_jax.models.knowledge_attention import KnowledgeAttention
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(n, 8)).astype(np.float32) for n in (3, 5, 5))
     module = KnowledgeAttention(heads=2, dropout=0.5, softmax_axis=axis)

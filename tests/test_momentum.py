@@ -1,4 +1,4 @@
-"""EMA update and the replicated feature queues of ViLReF (METHODS.md section 4) against hand computations."""
+"""EMA update and the replicated feature queues of ViLReF (docs/methods.md, "ViLReF") against hand computations."""
 import jax
 import jax.numpy as jnp
 import numpy as np

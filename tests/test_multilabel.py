@@ -1,4 +1,4 @@
-"""Multi-label evaluation (METHODS.md section 4, Evaluation): metrics, linear probe, fine-tuning on a copy."""
+"""Multi-label evaluation (docs/methods.md, "ViLReF"): metrics, linear probe, fine-tuning on a copy."""
 import flax.linen as nn
 import jax
 import numpy as np

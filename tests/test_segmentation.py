@@ -1,5 +1,5 @@
-"""Segmentation transfer (METHODS.md section 4, Evaluation): the synthetic corpus's lesion/anatomy masks
-(DATA.md section 1), the U-Net decoder on every image tower, Dice/IoU and the transfer protocol."""
+"""Segmentation transfer (docs/methods.md, "ViLReF"): the synthetic corpus's lesion/anatomy masks
+(docs/data.md, "The synthetic corpus"), the U-Net decoder on every image tower, Dice/IoU and the transfer protocol."""
 import copy
 import functools
 
@@ -14,12 +14,12 @@ from retina_jax.data import knowledge as K
 from retina_jax.data import synthetic as syn
 from retina_jax.data import transforms
 from retina_jax.data.synthetic import MASK_CLASSES, CorpusSpec, SyntheticFundus
-from retina_jax.evals.segmentation import (evaluate_segmentation, segmentation_metrics, segmentation_transfer,
+from retina_jax.evals.segmentation_transfer import (evaluate_segmentation, segmentation_metrics, segmentation_transfer,
                                            soft_dice_loss, synthetic_segmentation_data, train_segmentation)
 from retina_jax.models.bert import BertConfig
 from retina_jax.models.clip_resnet import clip_resnet_tiny
 from retina_jax.models.resnet import ResNet, resnet_tiny
-from retina_jax.models.segmentation import SegmentationModel
+from retina_jax.models.unet_decoder import SegmentationModel
 from retina_jax.models.two_tower import TwoTower
 from retina_jax.models.vit import vit_b16, vit_tiny
 

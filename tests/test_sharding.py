@@ -33,6 +33,23 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension():
     assert sharding.fsdp_spec((512, 128), 1, 1) == P()  # a 1-device fsdp axis
 
 
+def test_the_mesh_follows_the_device_topology_and_never_silently_leaves_devices_out(devices, monkeypatch, caplog):
+    # Review defects: the mesh came from jax.devices() in list order, and a smaller mesh dropped
+    # devices without a word (on several processes, some then held no part of it).
+    calls = []
+    real = jax.make_mesh
+    monkeypatch.setattr(jax, "make_mesh", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    mesh = sharding.make_mesh(tiny_config(**FSDP).mesh)
+    assert calls and calls[0][0][:2] == ((2, 4), ("data", "fsdp")) and mesh.devices.size == 8
+    with caplog.at_level("WARNING"):
+        small = sharding.make_mesh(tiny_config(**{"mesh.data": 2}).mesh)
+    assert small.devices.size == 2 and "uses 2 of the 8 devices; 6 stay idle" in caplog.text
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"uses 2 of the 8 devices of 2 processes; a multi-process mesh must use "
+                                         r"every device"):
+        sharding.make_mesh(tiny_config(**{"mesh.data": 2}).mesh)
+
+
 def test_mesh_axes_from_the_config_and_bad_meshes_name_their_field(devices):
     mesh = sharding.make_mesh(tiny_config(**FSDP).mesh)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4} and sharding.num_batch_shards(mesh) == 8

@@ -1,4 +1,4 @@
-"""Real dataset formats (DATA.md section 2): writers -> readers round trips, image decoding, FOV crop,
+"""Real dataset formats (docs/data.md, "Real formats"): writers -> readers round trips, image decoding, FOV crop,
 and the errors every kind of bad input raises (retina_jax/data/{images,sources,export}.py)."""
 import base64
 import io

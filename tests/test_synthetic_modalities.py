@@ -1,4 +1,5 @@
-"""Tests of the synthetic corpus's FFA and OCT modalities (DATA.md section 1, METHODS.md section 3)."""
+"""Tests of the synthetic corpus's FFA and OCT modalities (docs/data.md, "The synthetic corpus";
+docs/methods.md, "KeepFIT V2")."""
 import copy
 import hashlib
 import json

@@ -1,4 +1,4 @@
-"""Tests of the evaluation task files (FLAIR's experiment definitions; METHODS.md sections 1 and 4)."""
+"""Tests of the evaluation task files (FLAIR's experiment definitions; docs/methods.md, "FLAIR" and "ViLReF")."""
 import csv
 import json
 import os

@@ -1,4 +1,4 @@
-"""ViLReF in the trainer (METHODS.md section 4): paper config, report stream with extracted labels,
+"""ViLReF in the trainer (docs/methods.md, "ViLReF"): paper config, report stream with extracted labels,
 Chinese tokenisation, the drop-first-characters and logit_scale switches, ViLReF augmentation,
 momentum encoders and queues in the jitted step, exact resume after a crash, and the evaluations."""
 import os
@@ -17,6 +17,7 @@ from retina_jax.models.two_tower import build_model
 from retina_jax.train import Trainer
 
 VILREF = os.path.join(REPO, "configs", "vilref.py")
+ZH_TEMPLATES = config_lib.load(VILREF).eval.zero_shot.templates
 
 # 32 px, batch 16, 12 steps, queue of 2 batches (so it wraps), checkpoints every 4.
 TINY_RUN = {
@@ -234,7 +235,7 @@ def test_vilref_run_fills_and_wraps_the_queue_and_reports_every_evaluation(vilre
     for a, b in zip(params_before_eval, leaves(state.params)):
         np.testing.assert_array_equal(a, b)
     # The extractor's coverage of the training reports was measured and logged.
-    assert trainer.label_coverage["reports"] == 64 and trainer.label_coverage["unlabelled"] == 0
+    assert trainer.method.label_coverage["reports"] == 64 and trainer.method.label_coverage["unlabelled"] == 0
 
 
 def test_logit_scale_reset_at_run_starts_but_not_at_the_own_workdir_resume(vilref_run, tmp_path):
@@ -294,7 +295,7 @@ def test_wscl_with_online_keys_and_no_momentum_model_or_queue_trains(tmp_path):
 
 
 def test_one_train_step_with_a_filled_queue_matches_a_numpy_reference(vilref_run):
-    """The whole jitted step's wiring with a full queue (METHODS.md section 4): EMA first, keys = the
+    """The whole jitted step's wiring with a full queue (docs/methods.md, "ViLReF"): EMA first, keys = the
     momentum features of this batch followed by the queue as it was BEFORE the step; loss = NumPy
     WSCL; gradient only through the online queries (the momentum keys and queue are constants);
     afterwards this batch's momentum features and labels sit at the old pointer."""
@@ -571,3 +572,16 @@ def test_vilref_with_the_queue_separates_the_examples_from_stage_clip_but_not_fr
     collapsed = separation(learning_runs["scratch"])
     assert not separated(*collapsed), collapsed
     assert collapsed[2] > NORM_BOUND, collapsed
+
+
+def test_predictor_prompts_a_vilref_run_in_its_own_language_and_templates(vilref_run):
+    # Review defect: the predictor prompted every checkpoint in English with one template.
+    from retina_jax.predict import Predictor
+    _, _, workdir, _ = vilref_run
+    predictor = Predictor.load(workdir)
+    classes = ["normal", "glaucoma", "cataract"]
+    own = predictor.prototypes(classes)
+    chinese = predictor.prototypes(classes, ZH_TEMPLATES, language="zh")
+    english = predictor.prototypes(classes, ("A fundus photograph of {}",), language="en")
+    np.testing.assert_array_equal(own, chinese)
+    assert np.abs(own - english).max() > 1e-3

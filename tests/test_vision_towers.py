@@ -1,6 +1,7 @@
-"""Tests for ViLReF's CLIP-layout image towers (METHODS.md sections 4 and 5): the ViT
+"""Tests for ViLReF's CLIP-layout image towers (docs/methods.md, "ViLReF" and
+"Checkpoint interoperability"): the ViT
 (`models/vit.py`), the ModifiedResNet (`models/clip_resnet.py`), their importers
-(`models/convert.py`) and position resampling, against the PyTorch layouts of ViLReF's
+(`models/importers.py`) and position resampling, against the PyTorch layouts of ViLReF's
 `clip/model.py` re-typed in torch_references.py.
 
 Checkpoints go through `torch.save` / `torch.load` so the importers see the real format. Full-size
@@ -16,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retina_jax.models import clip_resnet, convert, vit
+from retina_jax.models import clip_resnet, importers as convert, vit
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 # after the skip: torch_references imports torch
 from torch_references import (TorchModifiedResNet, TorchVisionTransformer,  # noqa: E402

@@ -1,8 +1,8 @@
 """PyTorch reference models for the parity tests, and the shared parity assertion.
 
-- torchvision-layout ResNet (FLAIR's and KeepFIT's image tower, METHODS.md section 1): torchvision
+- torchvision-layout ResNet (FLAIR's and KeepFIT's image tower, docs/methods.md, "FLAIR"): torchvision
   is not installable here, so its layout is re-typed with the same module names.
-- OpenAI CLIP / Chinese-CLIP (ViLReF, METHODS.md section 4) `ModifiedResNet` and
+- OpenAI CLIP / Chinese-CLIP (ViLReF, docs/methods.md, "ViLReF") `ModifiedResNet` and
   `VisualTransformer`, laid out exactly as ViLReF's `clip/model.py` (same module names, the
   `downsample` OrderedDict with keys "-1", "0", "1"), so `state_dict()` keys are the released
   checkpoints' `visual.*` keys without the prefix.
@@ -55,13 +55,14 @@ class TorchBasicBlock(nn.Module):
 class TorchBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin, width, stride):
+    def __init__(self, cin, width, stride, base_width=64):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # v1.5
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        inner = int(width * base_width / 64)  # torchvision: planes * (base_width / 64) * groups
+        self.conv1 = nn.Conv2d(cin, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride, 1, bias=False)  # v1.5
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, width * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width * 4)
         self.relu = nn.ReLU()
         self.downsample = None
@@ -79,7 +80,7 @@ class TorchBottleneck(nn.Module):
 class TorchResNet(nn.Module):
     """torchvision.models.ResNet layout (same module names), without `fc`, pooled output."""
 
-    def __init__(self, block, stage_sizes, width):
+    def __init__(self, block, stage_sizes, width, **block_kwargs):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -89,7 +90,7 @@ class TorchResNet(nn.Module):
         for i, n in enumerate(stage_sizes):
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, width * 2 ** i, 2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(cin, width * 2 ** i, 2 if (i > 0 and j == 0) else 1, **block_kwargs))
                 cin = width * 2 ** i * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(stage_sizes)
@@ -116,9 +117,9 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def random_torch_resnet(block, stage_sizes, width) -> TorchResNet:
+def random_torch_resnet(block, stage_sizes, width, **block_kwargs) -> TorchResNet:
     torch.manual_seed(0)
-    return randomize_norms(TorchResNet(block, stage_sizes, width))
+    return randomize_norms(TorchResNet(block, stage_sizes, width, **block_kwargs))
 
 
 # ----------------------------------------------------------------------------- CLIP ModifiedResNet

@@ -1,4 +1,5 @@
-"""TFDS ArrayRecord datasets from any retina_jax source, read back by grain (DATA.md section 2, last row).
+"""TFDS ArrayRecord datasets from any retina_jax source, read back by grain (docs/data.md, "Real formats",
+`arrayrecord`).
 
 `build(source, out_dir, split=...)` converts a random-access source of the example schema
 (`SyntheticFundus`, or any format of `retina_jax.data.sources.open_source`) into a TFDS dataset

@@ -1,5 +1,5 @@
 """Write any source of the example schema (`sources.py`; in particular `SyntheticFundus`) in the real
-dataset formats (DATA.md section 2), so the corpus can be materialised once for loader benchmarks and
+dataset formats (docs/data.md, "Real formats"), so the corpus can be materialised once for loader benchmarks and
 the readers are tested against files in the originals' exact layout.
 
 Each writer is the inverse of its reader on the fields the format carries, writes the images as PNG

@@ -1,4 +1,5 @@
-"""Training streams from datasets on disk (DATA.md section 2; METHODS.md sections 1 and 4).
+"""Training streams from datasets on disk (docs/data.md, "Real formats"; docs/methods.md,
+"FLAIR" and "ViLReF").
 
 `data.source = 'files'` trains on the datasets named in `data.datasets` (each a ConfigDict with
 `format` - flair_csv | mmretinal_csv | vilref_lmdb | jsonl | arrayrecord -, `path`, `image_root`,
@@ -31,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from retina_jax.data import images, sources
+from retina_jax.data.labels import label_names
 
 ON_ERROR = sources.ON_ERROR  # data.on_error
 MIXING = ("balanced", "weights", "concat")
@@ -44,9 +46,9 @@ def open_dataset(config, entry):
     """One `data.datasets` entry -> its random-access source. CSV and JSONL images live under
     `image_root`; an LMDB holds its images; `arrayrecord` is a `python -m retina_jax.data.build`
     output directory with `split` (default 'train')."""
-    from retina_jax.data import build, pipeline  # build imports tfds; pipeline owns the label list
+    from retina_jax.data import build  # imports tfds: only when a dataset is opened
 
-    fmt, labels = entry.format, pipeline.label_names(config)
+    fmt, labels = entry.format, label_names()
     if fmt == "arrayrecord":
         source = build.ArrayRecordSource(entry.path, entry.get("split", "train"))
         if tuple(source.label_names) != labels:

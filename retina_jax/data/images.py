@@ -1,4 +1,4 @@
-"""Image decoding and field-of-view cropping for the real dataset formats (DATA.md section 2).
+"""Image decoding and field-of-view cropping for the real dataset formats (docs/data.md, "Real formats").
 
 `decode_image` turns the bytes or the file of a JPEG/PNG (any size; RGB, grey, RGBA, LA, palette,
 16-bit grey) into ``uint8 [H, W, 3]``. Channel handling follows PIL's ``.convert('RGB')``, which is what
@@ -20,7 +20,7 @@ the file), an unsupported mode - raises `DataError` whose message starts with wh
 `fov_crop` crops a fundus photograph to its field of view (FOV). Neither FLAIR (``LoadImage`` +
 ``ImageScaling``: resize the long side to 512 and zero-pad), KeepFIT (``pre_transform.py``: the same
 resize and pad) nor ViLReF / Chinese-CLIP (``Resize((224, 224))``) crops the FOV, so the step is
-ours (METHODS.md [recon]) and off unless a pipeline asks for it. It is meant for colour (CFP) and
+ours (docs/methods.md, "FLAIR") and off unless a pipeline asks for it. It is meant for colour (CFP) and
 angiography (FFA) photographs; an OCT B-scan has no circular FOV and must not be cropped by it.
 
 How the FOV is found, and why (constants chosen on the three real photographs in

@@ -1,4 +1,4 @@
-"""Expert-knowledge label extraction (METHODS.md section 4, "Labels").
+"""Expert-knowledge label extraction (docs/methods.md, "ViLReF": labels read from the report).
 
 Each report becomes a multi-hot vector over ``knowledge.FINDINGS`` ('normal' is its own class, index 0)
 through an expert-authored dictionary per language, kept as data in ``knowledge/labels_{en,zh}.json``:
@@ -56,6 +56,13 @@ def _strings(value) -> tuple[str, ...] | None:
     if isinstance(value, list) and value and all(isinstance(s, str) and s for s in value):
         return tuple(s.lower() for s in value)
     return None
+
+
+def label_names() -> tuple[str, ...]:
+    """The report stream's label classes, in multi-hot order: the extractor's classes, which
+    `LabelExtractor.load` requires to be the corpus's findings (the 'given' labels) in order. Real
+    datasets' given labels (LMDB, JSONL) are mapped onto the same list."""
+    return tuple(LabelExtractor.classes)
 
 
 @dataclasses.dataclass

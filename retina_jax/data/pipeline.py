@@ -1,5 +1,5 @@
-"""grain input pipelines: the FLAIR categorical stream (METHODS.md section 1), ViLReF's report
-stream (section 4) and held-out eval sets.
+"""grain input pipelines: the FLAIR categorical stream (docs/methods.md, "FLAIR"), ViLReF's report
+stream ("ViLReF") and held-out eval sets.
 
 Training stream: source -> shuffle -> per-example FLAIR transform (image preprocessing and
 augmentation, prompt "A [ATR] fundus photograph of [CLS]" with the category sampled from the
@@ -9,7 +9,7 @@ batch) -> iterator. Every random choice is
 drawn from grain's per-index generator, so a pipeline position reproduces the same batch, and the
 iterator state saved with a checkpoint resumes the exact data position.
 
-KeepFIT's expert stream (`data.expert`, section 2) is a second pipeline of image-caption pairs
+KeepFIT's expert stream (`data.expert`, docs/methods.md, "KeepFIT") is a second pipeline of image-caption pairs
 drawn uniformly with replacement (no augmentation, captions as they are), zipped with the public
 one: every element holds both batches (the expert ones under `expert_*` keys), so the one iterator
 state saved with a checkpoint holds the position of both streams.
@@ -41,7 +41,7 @@ from absl import logging
 from retina_jax.data import files, knowledge, transforms
 from retina_jax.data.render_cache import maybe_cached
 from retina_jax.data.images import DataError
-from retina_jax.data.labels import LabelExtractor, log_coverage
+from retina_jax.data.labels import LabelExtractor, label_names, log_coverage
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.data.text_corpus import TextSource, WholeWordMask, read_text_folder
 from retina_jax.data.tokenizer import Tokenize, learn_wordpiece
@@ -49,7 +49,7 @@ from retina_jax.data.tokenizer import Tokenize, learn_wordpiece
 _SPACES = re.compile(r"\s+")
 
 
-# KeepFIT V2's modality-aware prompts (METHODS.md section 3): a template's `{modality}` names the
+# KeepFIT V2's modality-aware prompts (docs/methods.md, "KeepFIT V2"): a template's `{modality}` names the
 # example's imaging modality, e.g. "A {atr} {modality} of {cls}" -> "A fluorescein angiography of ...".
 MODALITY_NAMES = {"CFP": "fundus photograph", "FFA": "fluorescein angiography", "OCT": "OCT scan"}
 
@@ -331,16 +331,9 @@ def label_extractor(config) -> LabelExtractor | None:
     return LabelExtractor.load(config.data.reports.language)
 
 
-def label_names(config) -> tuple[str, ...]:
-    """The report stream's label classes, in multi-hot order: the extractor's classes, which
-    `LabelExtractor.load` requires to be the corpus's findings (the 'given' labels) in order. Real
-    datasets' given labels (LMDB, JSONL) are mapped onto the same list."""
-    return tuple(LabelExtractor.classes)
-
-
 def num_labels(config) -> int:
     """C, the length of the report stream's multi-hot label vectors."""
-    return len(label_names(config))
+    return len(label_names())
 
 
 def log_label_coverage(config, extractor: LabelExtractor) -> dict:

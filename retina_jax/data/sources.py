@@ -1,4 +1,5 @@
-"""grain random-access sources for the real dataset formats (DATA.md section 2; METHODS.md sections 1, 2, 4).
+"""grain random-access sources for the real dataset formats (docs/data.md, "Real formats";
+the methods' streams: docs/methods.md, "FLAIR", "KeepFIT" and "ViLReF").
 
 Every source returns the example schema of the synthetic corpus (`SyntheticFundus`), so the
 pipeline's transforms consume any of them:
@@ -45,7 +46,7 @@ __all__ = ['CaptionCsvSource', 'FORMATS', 'FlairCsvSource', 'JsonlSource', 'ON_E
            'VilrefLmdbSource', 'is_ood_banned', 'open_source']
 
 # FLAIR's `--banned_categories` (main_pretrain.py; KeepFIT's main_pretrain.py has the same list): the
-# categories held out of pretraining so that zero-shot on them is "unseen" (METHODS.md section 1).
+# categories held out of pretraining so that zero-shot on them is "unseen" (docs/methods.md, "FLAIR").
 OOD_BANNED_CATEGORIES: tuple[str, ...] = (
     'myopia', 'cataract', 'macular hole', 'retinitis pigmentosa', 'myopic', 'myope', 'myop', 'retinitis',
 )
@@ -252,7 +253,7 @@ def _text_cell(cells: dict, column: str | None) -> str:
 
 
 class CaptionCsvSource(_RowSource):
-    """MM-Retinal expert image-caption pairs (KeepFIT's expert stream, METHODS.md section 2).
+    """MM-Retinal expert image-caption pairs (KeepFIT's expert stream, docs/methods.md, "KeepFIT").
 
     Accepted columns (first alias present wins): image `image` (KeepFIT's dataframe
     `39_MM_Retinal_dataset.csv`) or `Image_ID` (MM-Retinal's collection CSVs), path relative to

@@ -1,4 +1,4 @@
-"""Procedural synthetic fundus corpus with known ground truth (DATA.md section 1).
+"""Procedural synthetic fundus corpus with known ground truth (docs/data.md, "The synthetic corpus").
 
 ``SyntheticFundus(CorpusSpec(...))`` is a grain ``RandomAccessDataSource``: every example is a pure
 function of ``(spec, index)``. An example is sampled in two stages from

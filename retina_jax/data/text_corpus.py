@@ -1,4 +1,4 @@
-"""KeepFIT V2 stage `text` input (METHODS.md section 3): a plain-text corpus and whole-word masking.
+"""KeepFIT V2 stage `text` input (docs/methods.md, "KeepFIT V2"): a plain-text corpus and whole-word masking.
 
 Corpus (`config.mlm.corpus`): 'synthetic' = the synthetic corpus's English reports followed by the
 expert captions of the expert corpus (MM-Retinal-Text's role); or a folder of UTF-8 `.txt` files,

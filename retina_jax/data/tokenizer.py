@@ -1,4 +1,4 @@
-"""Tokenisation for the BERT text tower (METHODS.md sections 1 and 4).
+"""Tokenisation for the BERT text tower (docs/methods.md, "FLAIR" and "ViLReF").
 
 Real runs point `config.text.tokenizer` at a Hugging Face tokenizer directory (Bio_ClinicalBERT's
 cased WordPiece, Chinese RoBERTa's vocabulary). With no hub access, the demo learns a WordPiece

@@ -1,4 +1,4 @@
-"""Image preprocessing (FLAIR, METHODS.md section 1; CLIP/ViLReF, section 4) and FLAIR's augmentation.
+"""Image preprocessing (FLAIR and CLIP/ViLReF; docs/methods.md, "FLAIR" and "ViLReF") and FLAIR's augmentation.
 
 `config.data.preprocess` picks the input convention a checkpoint was trained with:
 - 'flair': FLAIR feeds RGB in [0, 1] with no mean/std normalisation: the long side is resized to the target
@@ -10,7 +10,7 @@ own generator so a pipeline position always reproduces the same augmentation.
 - 'clip': resize to a square (bicubic, as Chinese-CLIP's `Resize((S, S), BICUBIC)`), then CLIP's
   mean/std normalisation; augmentation runs before the normalisation, in [0, 1].
 
-`config.data.augment.kind` picks the augmentation recipe: 'flair' (above) or 'vilref' (section 4):
+`config.data.augment.kind` picks the augmentation recipe: 'flair' (above) or 'vilref' (docs/methods.md, "ViLReF"):
 torchvision's RandomResizedCrop(S, scale 0.9-1, ratio 3/4-4/3) on the source image, a horizontal
 flip and colour jitter 0.1 (brightness, contrast and saturation factors in [0.9, 1.1]).
 """

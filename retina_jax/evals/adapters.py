@@ -1,4 +1,4 @@
-"""FLAIR's few-shot adapters (METHODS.md section 1, Transfer protocols): linear probe, CLIP-Adapter,
+"""FLAIR's few-shot adapters (docs/methods.md, "FLAIR", Transfer protocols): linear probe, CLIP-Adapter,
 Tip-Adapter and Tip-Adapter-F, as jusiro/FLAIR `flair/transferability/modeling/adapters.py`.
 
 Inputs are frozen features: the linear probe sees the raw pre-projection image features (FLAIR's

@@ -1,5 +1,5 @@
-"""Caption-generation metrics for KeepFIT V2 (METHODS.md section 3, Evaluations: "caption generation
-(greedy or beam) with BLEU/ROUGE-L/CIDEr").
+"""Caption-generation metrics for KeepFIT V2 (docs/methods.md, "KeepFIT V2": caption generation
+(greedy or beam) with BLEU/ROUGE-L/CIDEr).
 
 Captioning papers report the COCO-caption numbers of pycocoevalcap, so these are its definitions:
 - `bleu`: its `Bleu(4)`. Corpus BLEU: clipped n-gram matches and candidate n-gram counts are summed

@@ -1,5 +1,5 @@
-"""Full fine-tuning of the image tower with a linear softmax head and early stopping (METHODS.md
-section 1, Transfer protocols), as jusiro/FLAIR `flair/transferability/modeling/finetuning.py`
+"""Full fine-tuning of the image tower with a linear softmax head and early stopping (docs/methods.md,
+"FLAIR", Transfer protocols), as jusiro/FLAIR `flair/transferability/modeling/finetuning.py`
 (`FineTuning`, method "FT") with `main_transferability.py`'s defaults:
 - a copy of the tower plus a new `Linear(F, C)` head (torch's default uniform init) on the
   pre-projection feature, every parameter trained (FLAIR's `freeze_weights` never matches its
@@ -14,7 +14,7 @@ One difference: FLAIR's best score starts at 0, so a run whose validation F1 sta
 weights and crashes; here the first epoch is always the first best.
 
 The caller's variables are never modified: the step donates its own copy (the original also
-deep-copies the model, unlike ViLReF's multi-label fine-tuning; METHODS.md section 4).
+deep-copies the model, unlike ViLReF's multi-label fine-tuning; docs/methods.md, "ViLReF").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Classification metrics of FLAIR's transfer protocol (METHODS.md section 1).
+"""Classification metrics of FLAIR's transfer protocol (docs/methods.md, "FLAIR").
 
 ACA is the mean per-class recall (balanced accuracy); kappa is Cohen's quadratic-weighted kappa
 (meaningful for ordinal tasks such as DR grading, reported for every task as FLAIR does); F1 is the

@@ -1,4 +1,4 @@
-"""Multi-label transfer evaluation of ViLReF (METHODS.md section 4, Evaluation).
+"""Multi-label transfer evaluation of ViLReF (docs/methods.md, "ViLReF").
 
 A sigmoid head on the pre-projection image feature (768 ViT / 1024 RN50) is trained with BCE, either
 on frozen features (`linear_probe`) or end to end with the image tower (`finetune`), and scored by

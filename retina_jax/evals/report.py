@@ -1,5 +1,5 @@
 """Transfer-evaluation reports: `<protocol>.json`, `<protocol>.md` and PNG plots side by side in the
-task's output folder (METHODS.md section 1's metrics ACA, kappa, macro F1, AUC; mean +- std over folds).
+task's output folder (the metrics of docs/methods.md, "FLAIR": ACA, kappa, macro F1, AUC; mean +- std over folds).
 
 Plots (matplotlib's Agg canvas, no pyplot state): the row-normalised confusion matrix and the
 one-vs-rest ROC curves of one fold's test predictions, and, when a protocol ran at several

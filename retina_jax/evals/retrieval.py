@@ -1,5 +1,5 @@
-"""Image-text retrieval recall@K (ARCHITECTURE.md `evals/`: retrieval; the image-report pairs of the
-held-out synthetic corpus, METHODS.md section 4's report stream).
+"""Image-text retrieval recall@K (docs/architecture.md, "Evaluators"; the image-report pairs
+of the held-out synthetic corpus: the report stream of docs/methods.md, "ViLReF").
 
 Image -> text ranks every text by `zimg @ ztxt.T` for each image, text -> image every image for each
 text. A query's correct items are its paired item and every item with exactly the same text (two

@@ -1,4 +1,4 @@
-"""FLAIR's few-shot split protocol (METHODS.md section 1, Transfer protocols).
+"""FLAIR's few-shot split protocol (docs/methods.md, "FLAIR", Transfer protocols).
 
 As jusiro/FLAIR `flair/transferability/data/dataloader.py` (`get_dataloader_splits`, `get_shots`): the
 examples are shuffled with Python's `random.seed(fold); random.shuffle(...)`, then, per class in the

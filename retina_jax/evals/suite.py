@@ -48,11 +48,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from retina_jax import losses
 from retina_jax.data import knowledge, pipeline, transforms
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.evals import adapters, finetune as finetune_lib, multilabel, report, retrieval, splits, tasks, zeroshot
-from retina_jax.evals import segmentation as segmentation_lib
+from retina_jax.evals import segmentation_transfer as segmentation_lib
 from retina_jax.evals.metrics import classification_metrics
 
 KINDS = ("classification", "multilabel", "retrieval", "segmentation")
@@ -84,7 +83,7 @@ class Options:
     finetune_patience: int = finetune_lib.FINETUNE_PATIENCE
     finetune_weight_decay: float = finetune_lib.FINETUNE_WEIGHT_DECAY
     retrieval_size: int = 200
-    # Segmentation transfer (evals/segmentation.py): decoder training on the held-out corpus's masks.
+    # Segmentation transfer (evals/segmentation_transfer.py): decoder training on the held-out corpus's masks.
     segmentation_train_size: int = 256
     segmentation_test_size: int = 128
     segmentation_steps: int = 300
@@ -299,21 +298,16 @@ class TaskFeatures:
     The preprocessed images stay in memory (one pass over the source renders or reads them once).
     """
 
-    def __init__(self, trainer, state, task: TaskData):
+    def __init__(self, config, encoder, task: TaskData):
         if jax.process_count() > 1:
             # The protocols fit on the host (sklearn, single-sample adapters) from this process's rows.
             raise RuntimeError("the transfer suite runs in a single process; run retina_jax.evaluate on one host")
-        self.trainer, self.task = trainer, task
-        self.variables = {"params": state.params, "batch_stats": state.batch_stats}
-        self.logit_scale = jax.device_get(state.params["logit_scale"])
+        self.config, self.encoder, self.task = config, encoder, task
 
     @functools.cached_property
     def _batches(self) -> list:
-        config = self.trainer.config
+        config = self.config
         return list(pipeline.heldout_batches(config, config.eval.batch_size, self.task.source, self.task.label))
-
-    def _gather(self, fn, batches=None) -> tuple[np.ndarray, np.ndarray]:
-        return self.trainer._gather(fn, self.variables, self._batches if batches is None else batches)
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
@@ -321,11 +315,11 @@ class TaskFeatures:
 
     @functools.cached_property
     def zimg(self) -> np.ndarray:
-        return self._gather(self.trainer.encode_image)[0]
+        return self.encoder.embed_images(self._batches)[0]
 
     @functools.cached_property
     def features(self) -> np.ndarray:
-        return self._gather(self.trainer.image_features)[0]
+        return self.encoder.image_features(self._batches)[0]
 
     @functools.cached_property
     def images(self) -> np.ndarray:
@@ -333,16 +327,15 @@ class TaskFeatures:
 
     @functools.cached_property
     def zimg_augmented(self) -> np.ndarray:
-        rng, recipe, mode = np.random.default_rng(0), _flair_augment_recipe(), self.trainer.config.data.preprocess
+        rng, recipe, mode = np.random.default_rng(0), _flair_augment_recipe(), self.config.data.preprocess
         batches = [(_augment_batch(images, mode, rng, recipe), y, valid) for images, y, valid in self._batches]
-        return self._gather(self.trainer.encode_image, batches)[0]
+        return self.encoder.embed_images(batches)[0]
 
     @functools.cached_property
     def prototypes(self) -> np.ndarray:
-        z = self.trainer.config.eval.zero_shot
-        encode = lambda ids, mask: self.trainer.encode_text(self.variables, ids, mask)  # noqa: E731
+        z = self.config.eval.zero_shot
         # A task file lists every class, possibly without descriptions (then prompted by its name alone).
-        return zeroshot.class_prototypes(encode, self.trainer.tokenize, list(self.task.classes), z.templates,
+        return zeroshot.class_prototypes(self.encoder.embed_texts, self.encoder.tokenize, list(self.task.classes), z.templates,
                                          self.task.descriptions, language=z.language,
                                          require_descriptions=self.task.descriptions is None,
                                          name_prompt=self.task.name_prompt)
@@ -350,19 +343,15 @@ class TaskFeatures:
     @property
     def scale(self) -> float:
         """exp(logit_scale) clipped to [0, ln 100] as the trainer's zero-shot evaluation uses it."""
-        return float(np.exp(np.clip(self.logit_scale, 0.0, losses.LOGIT_SCALE_MAX)))
-
-    def tower_variables(self) -> dict:
-        state = self.variables
-        return {"params": state["params"]["img"], "batch_stats": state["batch_stats"].get("img", {})}
+        return self.encoder.logit_scale
 
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         """[N, D] normalised text embeddings, in chunks of the eval batch size padded to one shape."""
-        size, out = self.trainer.config.eval.batch_size, []
+        size, out = self.config.eval.batch_size, []
         for start in range(0, len(texts), size):
             chunk = list(texts[start:start + size])
-            ids, mask = self.trainer.tokenize(chunk + [chunk[-1]] * (size - len(chunk)))
-            out.append(np.asarray(self.trainer.encode_text(self.variables, ids, mask))[:len(chunk)])
+            ids, mask = self.encoder.tokenize(chunk + [chunk[-1]] * (size - len(chunk)))
+            out.append(np.asarray(self.encoder.embed_texts(ids, mask))[:len(chunk)])
         return np.concatenate(out)
 
 
@@ -425,11 +414,11 @@ def _tip(ctx: TaskFeatures, split: splits.Split, options: Options, trained: bool
 def _finetune(ctx: TaskFeatures, split: splits.Split, options: Options):
     y = ctx.labels
     out = finetune_lib.finetune(
-        ctx.trainer._tower_features, ctx.tower_variables(), ctx.images[split.train], y[split.train],
+        ctx.encoder.tower_features, ctx.encoder.image_tower(), ctx.images[split.train], y[split.train],
         ctx.images[split.val], y[split.val], ctx.images[split.test], num_classes=len(ctx.task.classes),
         epochs=options.finetune_epochs, batch_size=options.finetune_batch_size, lr=options.finetune_lr,
         weight_decay=options.finetune_weight_decay, patience=options.finetune_patience, seed=split.seed,
-        eval_batch_size=ctx.trainer.config.eval.batch_size)
+        eval_batch_size=ctx.config.eval.batch_size)
     return out.test_probs, {"best_epoch": out.best_epoch, "epochs_run": len(out.history),
                             "best_val_f1": out.history[out.best_epoch - 1]["val_f1"]}
 
@@ -437,7 +426,7 @@ def _finetune(ctx: TaskFeatures, split: splits.Split, options: Options):
 # ------------------------------------------------------------------------------- whole-task runs
 def _multilabel(ctx: TaskFeatures, settings: list[dict], options: Options) -> dict:
     """ViLReF's multi-label transfer with the config's `eval.linear_probe` / `eval.finetune` settings."""
-    config, task = ctx.trainer.config, ctx.task
+    config, task = ctx.config, ctx.task
     split = task.fixed_split or splits.random_split(len(task.source), 0, settings[0]["shots_train"],
                                                     settings[0]["shots_test"])
     x, y = ctx.features, ctx.labels
@@ -446,7 +435,7 @@ def _multilabel(ctx: TaskFeatures, settings: list[dict], options: Options) -> di
     probe = multilabel.linear_probe(x[split.train], y[split.train], x[split.test], y[split.test], l2=lp.l2,
                                     steps=lp.steps, lr=lp.lr, seed=config.seed, scores_out=scores["linear_probe"])
     tuned = multilabel.finetune(
-        ctx.trainer._tower_features, ctx.tower_variables(), ctx.images[split.train], y[split.train],
+        ctx.encoder.tower_features, ctx.encoder.image_tower(), ctx.images[split.train], y[split.train],
         ctx.images[split.test], y[split.test], feature_dim=x.shape[1], steps=ft.steps, batch_size=ft.batch_size,
         lr=ft.lr, weight_decay=ft.weight_decay, seed=config.seed, scores_out=scores["finetune"])
     return {"metrics": {"linear_probe": probe, "finetune": tuned},
@@ -465,12 +454,12 @@ def _retrieval(ctx: TaskFeatures, settings: list[dict], options: Options) -> dic
 
 def _segmentation(ctx: TaskFeatures, settings: list[dict], options: Options) -> dict:
     """Lesion/anatomy segmentation transfer: a U-Net decoder on the image tower (METHODS.md section 4)."""
-    config = ctx.trainer.config
+    config = ctx.config
     size = config.data.image_size
     train = segmentation_lib.synthetic_segmentation_data(config, "train", options.segmentation_train_size, size)
     test = segmentation_lib.synthetic_segmentation_data(config, "test", options.segmentation_test_size, size)
     result = segmentation_lib.segmentation_transfer(
-        ctx.trainer.model, ctx.variables, *train, *test, steps=options.segmentation_steps, lr=options.segmentation_lr,
+        ctx.encoder.model, ctx.encoder.variables, *train, *test, steps=options.segmentation_steps, lr=options.segmentation_lr,
         batch_size=options.segmentation_batch_size, finetune_encoder=options.segmentation_finetune,
         class_names=ctx.task.classes, seed=config.seed)
     return {"metrics": {"segmentation": result}}
@@ -604,11 +593,13 @@ def _metrics_line(metrics: dict) -> str:
     return " ".join(f"{m}={metrics[m]:.4f}" for m in report.CLASSIFICATION_METRICS)
 
 
-def run_protocol(trainer, state, protocol: str, task: TaskData, out_dir: str, *,
+def run_protocol(config, encoder, protocol: str, task: TaskData, out_dir: str, *, checkpoint: str = "",
+                 step: int = 0,
                  shots_train: Sequence[str] | str | None = None, shots_test: str | None = None,
                  shots_val: str | None = None, folds: int | None = None, options: Options = Options(),
                  features: TaskFeatures | None = None, externals: Sequence[TaskData | TaskFeatures] = ()) -> dict:
-    """Run `protocol` on `task` with the checkpoint `state` of `trainer`'s model; writes
+    """Run `protocol` on `task` with a model (`encoder`, bound to the variables of `checkpoint` at
+    `step`); writes
     `<out_dir>/<task>/<protocol>.json`, `.md` and plots, and returns the result (with `report`: the paths).
 
     `features` shares the model's outputs on `task` between protocols (built here when None);
@@ -619,10 +610,10 @@ def run_protocol(trainer, state, protocol: str, task: TaskData, out_dir: str, *,
     spec = get_protocol(protocol)
     if task.kind != spec.kind:
         raise ValueError(f"protocol {protocol!r} runs on {spec.kind} tasks; task {task.name!r} is {task.kind}")
-    ctx = features if features is not None else TaskFeatures(trainer, state, task)
+    ctx = features if features is not None else TaskFeatures(config, encoder, task)
     if ctx.task is not task:
         raise ValueError(f"features were computed for task {ctx.task.name!r}, not {task.name!r}")
-    externals = [e if isinstance(e, TaskFeatures) else TaskFeatures(trainer, state, e) for e in externals]
+    externals = [e if isinstance(e, TaskFeatures) else TaskFeatures(config, encoder, e) for e in externals]
     for e in externals:
         check_external(task, e.task)
     if externals and not spec.per_fold:
@@ -630,8 +621,8 @@ def run_protocol(trainer, state, protocol: str, task: TaskData, out_dir: str, *,
                          "protocols")
     settings = split_settings(protocol, task, shots_train, shots_test, shots_val, folds)
     t0 = time.time()
-    result = {"task": task.name, "protocol": protocol, "kind": task.kind, "checkpoint": trainer.workdir,
-              "step": int(jax.device_get(state.step)), "classes": list(task.classes),
+    result = {"task": task.name, "protocol": protocol, "kind": task.kind, "checkpoint": checkpoint,
+              "step": step, "classes": list(task.classes),
               "options": {k: getattr(options, k) for k in spec.options}}
     predictions = None
     if spec.per_fold:

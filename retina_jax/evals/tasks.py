@@ -1,5 +1,5 @@
-"""Evaluation tasks in the original projects' experiment-definition format (METHODS.md section 1, "Transfer
-protocols"; section 4, "Evaluation"; DATA.md section 2 for the dataframe format).
+"""Evaluation tasks in the original projects' experiment-definition format (docs/methods.md, "FLAIR",
+Transfer protocols, and "ViLReF"; docs/data.md, "Real formats", for the dataframe format).
 
 A task is what FLAIR's `local_data/experiments.py` `get_experiment_setting(experiment)` returns (the dataframe,
 the task type and the `targets` dict: category name -> class index), plus the zero-shot prompt texts of its
@@ -193,7 +193,7 @@ def _parse(data, where: str) -> Task:
 
 
 def _synthetic_tasks() -> dict[str, dict]:
-    """The held-out synthetic tasks (DATA.md section 1), in the task-file format."""
+    """The held-out synthetic tasks (docs/data.md, "The synthetic corpus"), in the task-file format."""
     from configs import common  # the trainer's zero-shot classes live with the config defaults
 
     def task(name, classes, kind, zh, splits, reference, notes):

@@ -1,9 +1,9 @@
-"""Zero-shot classification with prompt-ensemble class prototypes (METHODS.md section 1).
+"""Zero-shot classification with prompt-ensemble class prototypes (docs/methods.md, "FLAIR").
 
 The prototype of a class is the MEAN (not re-normalised, as FLAIR) of the text embeddings of
 every template filled with the class name and each of its expert descriptions; the score of an
 image is `s * zimg @ proto.T` followed by a softmax over classes. ViLReF's Chinese prompt
-ensembles (section 4) use `language='zh'`: the texts of a class are its Chinese name and
+ensembles ("ViLReF") use `language='zh'`: the texts of a class are its Chinese name and
 descriptions (`knowledge.CATEGORY_DESCRIPTIONS_ZH`) instead of the English name and descriptions.
 """
 from __future__ import annotations

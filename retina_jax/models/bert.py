@@ -1,5 +1,5 @@
-"""Hugging Face-layout BERT: the text tower of FLAIR/KeepFIT (METHODS.md section 1) and ViLReF's
-RoBERTa-wwm-ext text encoder (section 4, BERT layout without pooler).
+"""Hugging Face-layout BERT: the text tower of FLAIR/KeepFIT (docs/methods.md, "FLAIR") and ViLReF's
+RoBERTa-wwm-ext text encoder ("ViLReF", BERT layout without pooler).
 
 Post-LN Transformer encoder, erf GELU, LayerNorm eps from the config, additive attention mask
 with the dtype's minimum on padded keys, exactly as `transformers.BertModel` (eager attention).
@@ -7,7 +7,7 @@ Parameter names follow the HF state dict (`encoder.layer.3.attention.self.query.
 `params/encoder/layer_3/attention/self/query/kernel`), so `convert.bert_from_hf_state_dict` is a
 mechanical rename + transpose.
 
-`pool_text` implements the text pooling switch of section 1 ('flair' | 'cls' | 'masked_mean').
+`pool_text` implements the text pooling switch of docs/methods.md, "FLAIR" ('flair' | 'cls' | 'masked_mean').
 `TextEncoder` is a `BertModel` subclass that adds the pooling: its parameter tree is IDENTICAL to
 `BertModel`'s (no extra 'bert' level), so converted HF weights load into either.
 """
@@ -233,7 +233,7 @@ class BertModel(nn.Module):
 
 
 def pool_text(hidden_states: tuple, attention_mask, mode: str) -> jnp.ndarray:
-    """Sentence feature [B, H] from BERT hidden states (METHODS.md section 1 `text_pooling`).
+    """Sentence feature [B, H] from BERT hidden states (docs/methods.md, "FLAIR": `model.txt.pooling`).
 
     'flair' (faithful default): FLAIR's `stack([hs[1], hs[2], hs[-1]]).mean(seq).mean(layers)`.
       FLAIR pads every batch to its longest prompt and averages over ALL positions, pads included,

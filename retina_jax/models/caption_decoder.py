@@ -1,4 +1,4 @@
-"""KeepFIT V2's generative knowledge injection (METHODS.md section 3): a CoCa-style caption decoder,
+"""KeepFIT V2's generative knowledge injection (docs/methods.md, "KeepFIT V2"): a CoCa-style caption decoder,
 its loss and greedy / beam-search generation.
 
 `CaptionDecoder`: token embedding + learned positions, `layers` pre-LN blocks of causal

@@ -1,4 +1,5 @@
-"""Reading the original projects' checkpoint files as flat NumPy state dicts (METHODS.md section 5).
+"""Reading the original projects' checkpoint files as flat NumPy state dicts (docs/methods.md,
+"Checkpoint interoperability").
 
 Formats: torch `state_dict` files (`.pt` / `.pth` / `.bin`, optionally wrapped as
 `{"state_dict": ...}` or `{"model": ...}`, optionally with DataParallel's `module.` prefix, or a

@@ -1,4 +1,5 @@
-"""CLIP ModifiedResNet: ViLReF's RN50 image tower (METHODS.md sections 4 and 5).
+"""CLIP ModifiedResNet: ViLReF's RN50 image tower (docs/methods.md, "ViLReF" and
+"Checkpoint interoperability").
 
 ViLReF builds on Chinese-CLIP, whose `ModifiedResNet` is OpenAI CLIP's. It differs from
 torchvision's ResNet (`resnet.py`) in three ways:
@@ -132,7 +133,7 @@ class ModifiedResNet(nn.Module):
         """Returns the pooled feature [B, output_dim] in float32, and with `return_tokens` also
         the layer4 map flattened row-major ([B, HW, 32 * width], compute dtype); with `stages`,
         also the multi-scale maps, finest first: the stem's (stride 2, before its average pool)
-        and each stage's output (strides 4 to 32), compute dtype (models/segmentation.py)."""
+        and each stage's output (strides 4 to 32), compute dtype (models/unet_decoder.py)."""
         if return_tokens and stages:
             raise ValueError("ModifiedResNet: ask for either tokens or stage maps, not both")
         if len(self.layers) != 4:

@@ -1,4 +1,4 @@
-"""KeepFIT V2's stage `text` model (METHODS.md section 3): the BERT text tower with a masked-LM head.
+"""KeepFIT V2's stage `text` model (docs/methods.md, "KeepFIT V2"): the BERT text tower with a masked-LM head.
 
 `MaskedLM` holds the tower under the param tree `txt`, the same tree (and names) as `TwoTower.txt`,
 and the head under `mlm_head`, so stage `vl` carries the encoder over with

@@ -1,4 +1,4 @@
-"""torchvision-layout ResNet: FLAIR's (and KeepFIT's) image tower, METHODS.md section 1.
+"""torchvision-layout ResNet: FLAIR's (and KeepFIT's) image tower, docs/methods.md, "FLAIR".
 
 FLAIR uses torchvision's ResNet-50 (bottleneck v1.5: the stride sits on the 3x3 conv, not the
 first 1x1), global average pooled to 2048-d features, with the classifier head (`fc`) removed.
@@ -88,11 +88,15 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision Bottleneck v1.5 (ResNet-50/101/152): 1x1 -> 3x3 (strided) -> 1x1, expansion 4."""
+    """torchvision Bottleneck v1.5 (ResNet-50/101/152): 1x1 -> 3x3 (strided) -> 1x1, expansion 4.
+
+    The inner width is `features * width_per_group / 64` (torchvision's `base_width`): 64 for the
+    plain ResNets, 128 for `wide_resnet50_2` / `wide_resnet101_2`."""
 
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    width_per_group: int = 64
     expansion = 4
 
     @nn.compact
@@ -100,10 +104,11 @@ class Bottleneck(nn.Module):
         conv = functools.partial(_Blocks.conv, dtype=self.dtype)
         bn = functools.partial(_Blocks.bn, train, self.dtype)
         out_features = self.features * self.expansion
-        y = conv(self.features, 1, 1, name="conv1")(x)
+        inner = int(self.features * self.width_per_group / 64)
+        y = conv(inner, 1, 1, name="conv1")(x)
         y = nn.relu(bn(name="bn1")(y))
         # v1.5: the stride is on the 3x3 conv (torchvision), not on conv1 (original v1 / Caffe).
-        y = conv(self.features, 3, self.stride, name="conv2")(y)
+        y = conv(inner, 3, self.stride, name="conv2")(y)
         y = nn.relu(bn(name="bn2")(y))
         y = conv(out_features, 1, 1, name="conv3")(y)
         y = bn(name="bn3")(y)
@@ -122,11 +127,18 @@ class ResNet(nn.Module):
     """
 
     depth: int = 50
-    width: int = 64
+    width: int = 64  # the stem's width; stage i's blocks output width * 2**i * expansion
+    width_per_group: int = 64  # bottleneck inner width per 64 stage channels (128: wide ResNets)
     stage_sizes: tuple[int, ...] | None = None
     bottleneck: bool | None = None
     dtype: Any = jnp.float32
     remat: bool = False  # rematerialise each block (models.maybe_remat)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.width_per_group != 64 and not self._is_bottleneck():
+            raise ValueError(f"ResNet width_per_group={self.width_per_group}: torchvision's basic blocks "
+                             "(ResNet-18/34) support only 64")
 
     def _stage_sizes(self) -> tuple[int, ...]:
         if self.stage_sizes is not None:
@@ -150,7 +162,7 @@ class ResNet(nn.Module):
         """Pooled features [B, F]; with `spatial`, also the last stage's map as tokens [B, h*w, F]
         (KeepFIT V2's caption decoder cross-attends to them); with `stages`, also the multi-scale
         maps, finest first: the stem's (stride 2, before the max pool) and each stage's output
-        (strides 4, 8, ...), compute dtype; the skip connections of models/segmentation.py."""
+        (strides 4, 8, ...), compute dtype; the skip connections of models/unet_decoder.py."""
         if spatial and stages:
             raise ValueError("ResNet: ask for either spatial tokens or stage maps, not both")
         block_cls = maybe_remat(Bottleneck if self._is_bottleneck() else BasicBlock, self.remat, static_argnums=(2,))
@@ -163,8 +175,8 @@ class ResNet(nn.Module):
         for i, num_blocks in enumerate(self._stage_sizes()):
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x = block_cls(self.width * 2 ** i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
-                    x, train)
+                extra = {"width_per_group": self.width_per_group} if self._is_bottleneck() else {}
+                x = block_cls(self.width * 2 ** i, stride, self.dtype, name=f"layer{i + 1}_{j}", **extra)(x, train)
             maps.append(x)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, F] global average pool
         if spatial:

@@ -1,4 +1,4 @@
-"""The two-tower model of every method (METHODS.md sections 1, 2 and 4).
+"""The two-tower model of every method (docs/methods.md, "FLAIR", "KeepFIT" and "ViLReF").
 
 An image tower (`model.img.name`: torchvision-layout ResNet for FLAIR/KeepFIT, CLIP ModifiedResNet
 or CLIP-layout ViT for ViLReF) and a text tower (HF-layout BERT/RoBERTa with the pooling switch),
@@ -7,7 +7,7 @@ each followed by a projection head, and a learnable temperature `logit_scale` (i
 - 'linear' head (CLIP's `visual.proj` / ViLReF's `text_projection`): Linear(no bias) -> `/ |x|`
   (CLIP normalises right after projecting, in the loss);
 - 'none': the tower already outputs D (CLIP RN50's attention pool); only normalised.
-KeepFIT adds the knowledge attention (`model.knowledge.enabled`, models/knowledge.py); KeepFIT V2
+KeepFIT adds the knowledge attention (`model.knowledge.enabled`, models/knowledge_attention.py); KeepFIT V2
 the caption decoder over the image tower's spatial tokens (`model.decoder.enabled`,
 models/caption_decoder.py).
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from retina_jax.models.bert import BertConfig, TextEncoder
 from retina_jax.models.caption_decoder import CaptionDecoder
 from retina_jax.models.clip_resnet import ModifiedResNet
-from retina_jax.models.knowledge import KnowledgeAttention
+from retina_jax.models.knowledge_attention import KnowledgeAttention
 from retina_jax.models.resnet import ResNet
 from retina_jax.models.vit import VisionTransformer
 
@@ -131,7 +131,7 @@ def build_image_tower(img_config, image_size: int, dtype=jnp.float32, remat: boo
     """The image tower `config.model.img` names; `image_size` fixes the CLIP towers' position grids;
     `remat` rematerialises each of its blocks (`config.model.remat`)."""
     if img_config.name == "resnet":
-        return ResNet(depth=img_config.depth, width=img_config.width,
+        return ResNet(depth=img_config.depth, width=img_config.width, width_per_group=img_config.width_per_group,
                       stage_sizes=tuple(img_config.stage_sizes) or None, dtype=dtype, remat=remat)
     if img_config.name == "clip_resnet":
         c = img_config.clip_resnet

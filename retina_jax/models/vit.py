@@ -1,4 +1,5 @@
-"""CLIP-layout Vision Transformer: ViLReF's ViT-B/16 image tower (METHODS.md sections 4 and 5).
+"""CLIP-layout Vision Transformer: ViLReF's ViT-B/16 image tower (docs/methods.md, "ViLReF"
+and "Checkpoint interoperability").
 
 ViLReF builds on Chinese-CLIP, whose `VisualTransformer` is OpenAI CLIP's: conv patchify without
 bias, a learned class token and learned positions, `ln_pre`, pre-LN residual blocks (torch
@@ -161,7 +162,7 @@ class VisionTransformer(nn.Module):
         final-block tokens before `ln_post` ([B, 1 + N, width], class token first, compute dtype);
         with `stages`, also every block's patch tokens as a grid ([B, g, g, width] per block, first
         block first, class token dropped, compute dtype): the skip connections of
-        models/segmentation.py. `train` is accepted for the tower interface: CLIP's ViT has no
+        models/unet_decoder.py. `train` is accepted for the tower interface: CLIP's ViT has no
         dropout or batch norm."""
         del train
         if return_tokens and stages:

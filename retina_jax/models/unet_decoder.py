@@ -1,5 +1,5 @@
-"""U-Net-style segmentation decoder on a pretrained image tower (METHODS.md section 4, Evaluation:
-"Segmentation transfer (lesion/vessel masks) with a decoder on the image tower, Dice/IoU").
+"""U-Net-style segmentation decoder on a pretrained image tower (ViLReF's evaluation,
+docs/methods.md, "ViLReF": segmentation transfer (lesion/vessel masks) with a decoder on the image tower, Dice/IoU).
 
 `SegmentationModel(img=tower, num_classes=M)` runs the image tower for its multi-scale maps and a U-Net
 decoder over them, and returns per-pixel logits [B, H, W, M] at the input size: one sigmoid per class,

@@ -1,5 +1,5 @@
-"""Checkpoint importers: PyTorch state dicts (as NumPy arrays) -> flax variables (METHODS.md
-section 5, checkpoint interoperability).
+"""Checkpoint importers: PyTorch state dicts (as NumPy arrays) -> flax variables (docs/methods.md,
+"Checkpoint interoperability").
 
 Two levels: tower importers (`bert_from_hf_state_dict`, `resnet_from_torchvision_state_dict`,
 `vit_from_clip_state_dict`, `modified_resnet_from_clip_state_dict`) and whole-checkpoint importers
@@ -262,7 +262,8 @@ def modified_resnet_from_clip_state_dict(state_dict: Mapping[str, np.ndarray],
 
 
 # --------------------------------------------------------------------------------------------------
-# Whole checkpoints of the original methods (METHODS.md section 5). Each importer takes a flat
+# Whole checkpoints of the original methods (docs/methods.md, "Checkpoint interoperability").
+# Each importer takes a flat
 # state dict (NumPy arrays; `module.` prefixes and `{"state_dict": ...}` wrappers already removed by
 # `checkpoint_io.read_state_dict`), infers the architecture from the shapes, converts every tower
 # with the strict importers above, and returns a `Converted`: the variables, the config values the
@@ -275,6 +276,7 @@ class Converted:
     config: dict  # dotted config values the trees require (manifest "config"), e.g. 'model.img.name'
     suggested: dict  # the original's preprocessing / pooling / lengths (manifest "suggested")
     dropped: dict  # {key prefix: reason} for keys not imported on purpose
+    assumed: dict = dataclasses.field(default_factory=dict)  # {config field: why}: values not in the weights
 
 
 def _take(state: dict, prefix: str) -> dict:
@@ -295,23 +297,40 @@ def _count(state: Mapping, pattern: str) -> int:
     return len({m.group(1) for k in state for m in [re.match(pattern, k)] if m})
 
 
-def infer_bert_config(state: Mapping, hf_config: Mapping | None = None) -> BertConfig:
+def infer_bert_config(state: Mapping, hf_config: Mapping | None = None, heads: int | None = None,
+                      assumed: dict | None = None) -> BertConfig:
     """BertConfig from a BERT state dict's shapes; `hf_config` (config.json) wins where given.
 
-    Without a config.json the head count is not in the shapes: BERT's head dim of 64 is assumed
-    (Bio_ClinicalBERT, RoBERTa-wwm-ext-base, all-MiniLM). Pass the checkpoint's config.json for others.
+    The head count is not in the shapes: it comes from `hf_config`, else from `heads`, else BERT's
+    head dim of 64 is assumed (Bio_ClinicalBERT, RoBERTa-wwm-ext-base) and recorded in `assumed`.
     """
     if hf_config is not None:
         config = BertConfig.from_hf(hf_config)
+        if heads is not None and heads != config.num_attention_heads:
+            raise ValueError(f"text heads {heads} given, but config.json says num_attention_heads="
+                             f"{config.num_attention_heads}")
         return dataclasses.replace(config, add_pooler="pooler.dense.weight" in state)
     vocab, hidden = np.shape(state["embeddings.word_embeddings.weight"])
+    heads = _heads(heads, hidden, hidden // 64, "model.txt.num_attention_heads", f"hidden size {hidden} / head dim 64",
+                   "--text-heads N or --text-config config.json", assumed)
     return BertConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=_count(state, r"encoder\.layer\.(\d+)\."),
-        num_attention_heads=max(1, hidden // 64),
+        num_attention_heads=heads,
         intermediate_size=np.shape(state["encoder.layer.0.intermediate.dense.weight"])[0],
         max_position_embeddings=np.shape(state["embeddings.position_embeddings.weight"])[0],
         type_vocab_size=np.shape(state["embeddings.token_type_embeddings.weight"])[0],
         add_pooler="pooler.dense.weight" in state)
+
+
+def _heads(given: int | None, width: int, rule: int, field: str, why: str, flag: str, assumed: dict | None) -> int:
+    """The attention head count: `given` (checked against `width`), else `rule`, recorded in `assumed`."""
+    if given is None:
+        given = max(1, rule)
+        if assumed is not None:
+            assumed[field] = f"{given} ({why}; not in the weights: pass {flag} if the original differs)"
+    if given < 1 or width % given:
+        raise ValueError(f"{field}: {given} heads do not divide the width {width}")
+    return given
 
 
 def bert_config_fields(config: BertConfig) -> dict:
@@ -328,27 +347,34 @@ def infer_resnet(state: Mapping) -> ResNet:
     bottleneck = "layer1.0.conv3.weight" in state
     depth = next((d for d, s in _STAGE_SIZES.items() if s == stage_sizes and (d in _BOTTLENECK_DEPTHS) == bottleneck),
                  50 if bottleneck else 18)
-    return ResNet(depth=depth, width=width, stage_sizes=stage_sizes, bottleneck=bottleneck)
+    # torchvision's base_width: layer1's bottleneck is width * width_per_group / 64 channels wide.
+    width_per_group = np.shape(state["layer1.0.conv1.weight"])[0] * 64 // width if bottleneck else 64
+    return ResNet(depth=depth, width=width, width_per_group=width_per_group, stage_sizes=stage_sizes,
+                  bottleneck=bottleneck)
 
 
 def resnet_config_fields(model: ResNet) -> dict:
     # infer_resnet picks a depth whose block type matches, so config.model.img can express it.
     return {"model.img.name": "resnet", "model.img.depth": model.depth, "model.img.width": model.width,
-            "model.img.stage_sizes": list(model.stage_sizes)}
+            "model.img.width_per_group": model.width_per_group, "model.img.stage_sizes": list(model.stage_sizes)}
 
 
-def infer_clip_vision(state: Mapping, image_size: int | None = None):
+def infer_clip_vision(state: Mapping, image_size: int | None = None, heads: int | None = None,
+                      assumed: dict | None = None):
     """CLIP visual tower (ViT or ModifiedResNet) from `visual.*` keys (prefix stripped).
 
-    Heads are not in the shapes: CLIP's rules are used (ViT: width / 64; RN: width * 32 / 64).
-    `image_size` (default: the checkpoint's own) sets the position grid; importing then resamples.
+    Heads are not in the shapes: `heads`, else CLIP's rules (ViT: width / 64; RN: width * 32 / 64),
+    recorded in `assumed`. `image_size` (default: the checkpoint's own) sets the position grid;
+    importing then resamples.
     """
     if "class_embedding" in state:
         patch = np.shape(state["conv1.weight"])[-1]
         width = np.shape(state["conv1.weight"])[0]
         grid = int(round(math.sqrt(np.shape(state["positional_embedding"])[0] - 1)))
+        heads = _heads(heads, width, width // 64, "model.img.vit.heads", f"CLIP's rule: width {width} / 64",
+                       "--image-heads N", assumed)
         model = VisionTransformer(patch_size=patch, width=width,
-                                  layers=_count(state, r"transformer\.resblocks\.(\d+)\."), heads=width // 64,
+                                  layers=_count(state, r"transformer\.resblocks\.(\d+)\."), heads=heads,
                                   mlp_dim=np.shape(state["transformer.resblocks.0.mlp.c_fc.weight"])[0],
                                   image_size=image_size or grid * patch)
         fields = {"model.img.name": "vit", "model.img.vit.patch_size": patch, "model.img.vit.width": width,
@@ -359,7 +385,9 @@ def infer_clip_vision(state: Mapping, image_size: int | None = None):
         width = np.shape(state["conv3.weight"])[0]
         layers = tuple(_count(state, rf"layer{i}\.(\d+)\.") for i in range(1, 5))
         grid = int(round(math.sqrt(np.shape(state["attnpool.positional_embedding"])[0] - 1)))
-        model = ModifiedResNet(layers=layers, width=width, heads=width * 32 // 64,
+        heads = _heads(heads, width * 32, width * 32 // 64, "model.img.clip_resnet.heads",
+                       f"CLIP's rule: width {width} x 32 / 64", "--image-heads N", assumed)
+        model = ModifiedResNet(layers=layers, width=width, heads=heads,
                                output_dim=np.shape(state["attnpool.c_proj.weight"])[0],
                                image_size=image_size or grid * 32)
         fields = {"model.img.name": "clip_resnet", "model.img.clip_resnet.layers": list(layers),
@@ -374,7 +402,8 @@ def _linear(weight: np.ndarray) -> dict:
     return {"dense": {"kernel": np.asarray(weight, np.float32).T}}  # torch Linear [out, in] -> [in, out]
 
 
-def import_flair(state: dict, *, knowledge: bool = False) -> Converted:
+def import_flair(state: dict, *, knowledge: bool = False, text_config: Mapping | None = None,
+                 text_heads: int | None = None) -> Converted:
     """FLAIR's `FLAIRModel.state_dict()` (KeepFIT's with `knowledge=True`, which adds `attention.W_*`).
 
     vision_model.model.*                         -> img (torchvision ResNet-50, `fc` = Identity)
@@ -400,7 +429,8 @@ def import_flair(state: dict, *, knowledge: bool = False) -> Converted:
         raise ValueError(f"{what}: no vision_model.model.* or text_model.model.* keys: not a {what} checkpoint")
     resnet = infer_resnet(img_state)
     img = resnet_from_torchvision_state_dict(img_state, resnet)
-    bert_config = infer_bert_config(txt_state)
+    assumed = {}
+    bert_config = infer_bert_config(txt_state, text_config, text_heads, assumed)
     txt = bert_from_hf_state_dict(txt_state, bert_config)
     params = {"img": img["params"], "txt": txt["params"], "img_proj": _linear(img_proj),
               "txt_proj": _linear(txt_proj), "logit_scale": logit_scale}
@@ -413,11 +443,11 @@ def import_flair(state: dict, *, knowledge: bool = False) -> Converted:
     suggested = {"data.preprocess": "flair", "data.image_size": 512, "model.txt.pooling": "flair",
                  "text.max_len": min(256 if knowledge else 77, bert_config.max_position_embeddings)}
     return Converted({"params": params, "batch_stats": {"img": img["batch_stats"]}}, config, suggested,
-                     {"text_model.model.embeddings.position_ids": "HF buffer (arange), recomputed"})
+                     {"text_model.model.embeddings.position_ids": "HF buffer (arange), recomputed"}, assumed)
 
 
-def import_clip_vision(state: dict, *, what: str, image_size: int | None = None,
-                       align_corners: bool = False) -> tuple[dict, dict, dict, dict]:
+def import_clip_vision(state: dict, *, what: str, image_size: int | None = None, align_corners: bool = False,
+                       heads: int | None = None, assumed: dict | None = None) -> tuple[dict, dict, dict, dict]:
     """`visual.*` of a CLIP-layout checkpoint -> (params, batch_stats, config fields, suggested).
 
     ViT: `visual.proj` [width, D] (used as `x @ proj`, so NOT transposed) -> img_proj/dense/kernel,
@@ -427,7 +457,7 @@ def import_clip_vision(state: dict, *, what: str, image_size: int | None = None,
     if not vis:
         raise ValueError(f"{what}: no visual.* keys found (keys start with: {sorted({k.split('.')[0] for k in state})})")
     proj = vis.pop("proj", None)
-    model, fields = infer_clip_vision(vis, image_size)
+    model, fields = infer_clip_vision(vis, image_size, heads, assumed)
     params, batch_stats = {}, {}
     if isinstance(model, VisionTransformer):
         if proj is None:
@@ -445,7 +475,8 @@ def import_clip_vision(state: dict, *, what: str, image_size: int | None = None,
     return params, batch_stats, fields, suggested
 
 
-def import_vilref(state: dict, *, image_size: int | None = None) -> Converted:
+def import_vilref(state: dict, *, image_size: int | None = None, image_heads: int | None = None,
+                  text_config: Mapping | None = None, text_heads: int | None = None) -> Converted:
     """ViLReF / Chinese-CLIP `CLIP.state_dict()` (the `module.` prefix already stripped).
 
     visual.* -> img (+ img_proj for ViT), bert.* -> txt (BERT layout, RoBERTa-wwm-ext),
@@ -453,15 +484,16 @@ def import_vilref(state: dict, *, image_size: int | None = None) -> Converted:
     """
     state = dict(state)
     # Resampling as Chinese-CLIP's own `resize_pos_embed` does it (bicubic, align_corners=True).
+    assumed = {}
     params, batch_stats, config, suggested = import_clip_vision(state, what="ViLReF", image_size=image_size,
-                                                                align_corners=True)
+                                                                align_corners=True, heads=image_heads, assumed=assumed)
     txt_state = _take(state, "bert.")
     if not txt_state:
         raise ValueError("ViLReF: no bert.* keys found: not a ViLReF / Chinese-CLIP checkpoint")
     text_projection = _require(state, "text_projection", "ViLReF")
     params["logit_scale"] = _require(state, "logit_scale", "ViLReF").reshape(())
     _check([], state, "ViLReF")
-    bert_config = infer_bert_config(txt_state)
+    bert_config = infer_bert_config(txt_state, text_config, text_heads, assumed)
     params["txt"] = bert_from_hf_state_dict(txt_state, bert_config)["params"]
     params["txt_proj"] = {"dense": {"kernel": text_projection}}
     config.update(bert_config_fields(bert_config))
@@ -472,7 +504,7 @@ def import_vilref(state: dict, *, image_size: int | None = None) -> Converted:
     # Chinese-CLIP: [CLS] of the last layer, context length 100 (ViLReF's train.sh), LN eps 1e-12.
     suggested.update({"model.txt.pooling": "cls", "text.max_len": min(100, bert_config.max_position_embeddings)})
     return Converted({"params": params, "batch_stats": batch_stats}, config, suggested,
-                     {"bert.embeddings.position_ids": "HF buffer (arange), recomputed"})
+                     {"bert.embeddings.position_ids": "HF buffer (arange), recomputed"}, assumed)
 
 
 # OpenAI CLIP's text tower is a causal GPT-style Transformer with a BPE tokenizer: not a retina_jax
@@ -483,7 +515,7 @@ _OPENAI_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embeddi
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")  # ints in the JIT archives
 
 
-def import_openai_clip(state: dict, *, image_size: int | None = None) -> Converted:
+def import_openai_clip(state: dict, *, image_size: int | None = None, image_heads: int | None = None) -> Converted:
     """OpenAI CLIP `state_dict()` (ViT-B/16, RN50, ...): the image tower, its projection, logit_scale."""
     state = dict(state)
     dropped = {}
@@ -495,14 +527,16 @@ def import_openai_clip(state: dict, *, image_size: int | None = None) -> Convert
         if state.pop(key, None) is not None:
             dropped[key] = "JIT archive metadata, not a weight"
     # OpenAI ships no resampling; open_clip's `resize_pos_embed` (align_corners=False) is the convention.
+    assumed = {}
     params, batch_stats, config, suggested = import_clip_vision(state, what="OpenAI CLIP", image_size=image_size,
-                                                                align_corners=False)
+                                                                align_corners=False, heads=image_heads,
+                                                                assumed=assumed)
     params["logit_scale"] = _require(state, "logit_scale", "OpenAI CLIP").reshape(())
     _check([], state, "OpenAI CLIP")
-    return Converted({"params": params, "batch_stats": batch_stats}, config, suggested, dropped)
+    return Converted({"params": params, "batch_stats": batch_stats}, config, suggested, dropped, assumed)
 
 
-def import_hf_bert(state: dict, hf_config: Mapping) -> Converted:
+def import_hf_bert(state: dict, hf_config: Mapping, text_heads: int | None = None) -> Converted:
     """A Hugging Face BERT (BertModel / BertForMaskedLM / BertForPreTraining weights) -> txt.
 
     Pre-training heads (`cls.*`) are dropped on purpose and recorded; everything else is strict.
@@ -516,7 +550,7 @@ def import_hf_bert(state: dict, hf_config: Mapping) -> Converted:
     heads = _take(state, "cls.")
     dropped = {"cls.*": f"{len(heads)} keys of the pre-training heads"} if heads else {}
     state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
-    bert_config = infer_bert_config(state, hf_config)
+    bert_config = infer_bert_config(state, hf_config, text_heads)
     txt = bert_from_hf_state_dict(state, bert_config)
     if "embeddings.position_ids" in state:
         dropped["embeddings.position_ids"] = "HF buffer (arange), recomputed"

@@ -1,6 +1,6 @@
 """Metric writing from process 0: JSON lines (one object per step) plus a console summary.
 
-Metric names follow ARCHITECTURE.md: `train/loss`, `train/loss/<term>`, `train/lr`,
+Metric names follow docs/architecture.md ("The trainer"): `train/loss`, `train/loss/<term>`, `train/lr`,
 `perf/examples_per_sec`, `perf/step_seconds`, `perf/data_wait_seconds`, `eval/<task>/<metric>`.
 `clu.metric_writers` would import TensorFlow, so this small writer stands in for it.
 """
@@ -88,10 +88,13 @@ class Throughput:
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Drop INFO lines of installed libraries (orbax logs every array it writes) but keep ours."""
+    """Drop INFO lines of installed libraries (orbax logs every array it writes) but keep ours, also
+    when retina_jax itself is installed under site-packages."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "site-packages" not in record.pathname
+        path = record.pathname
+        installed = "site-packages" in path or "dist-packages" in path
+        return record.levelno >= pylogging.WARNING or not installed or f"{os.sep}retina_jax{os.sep}" in path
 
 
 def quiet_library_logs() -> None:

@@ -1,7 +1,7 @@
-"""Segmentation transfer (METHODS.md section 4, Evaluation: "Segmentation transfer (lesion/vessel masks)
-with a decoder on the image tower, Dice/IoU").
+"""Segmentation transfer (ViLReF's evaluation, docs/methods.md, "ViLReF": lesion/vessel masks
+with a decoder on the image tower, Dice/IoU).
 
-A U-Net decoder (models/segmentation.py) on the pretrained image tower is trained with BCE + soft Dice
+A U-Net decoder (models/unet_decoder.py) on the pretrained image tower is trained with BCE + soft Dice
 (AdamW, jitted steps) on images with per-class binary masks, the tower frozen (default) or fine-tuned,
 and scored by Dice and IoU on a test set. Training works on a copy of the pretrained variables, which
 are untouched afterwards. The synthetic corpus draws the masks (`SyntheticFundus.masks`, MASK_CLASSES).
@@ -29,7 +29,7 @@ from retina_jax.data import pipeline, transforms
 from retina_jax.data.synthetic import MASK_CLASSES, CorpusSpec, SyntheticFundus
 from retina_jax.models.clip_resnet import ModifiedResNet
 from retina_jax.models.resnet import ResNet
-from retina_jax.models.segmentation import DECODER_FEATURES, SegmentationModel, pyramid
+from retina_jax.models.unet_decoder import DECODER_FEATURES, SegmentationModel, pyramid
 from retina_jax.models.two_tower import TwoTower
 from retina_jax.models.vit import VisionTransformer
 

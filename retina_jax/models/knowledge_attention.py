@@ -1,4 +1,4 @@
-"""KeepFIT's knowledge attention, "image-similarity-guided text revision" (METHODS.md section 2).
+"""KeepFIT's knowledge attention, "image-similarity-guided text revision" (docs/methods.md, "KeepFIT").
 
 `o = knowledge(q=img, k=kimg, v=ktxt)`: the public batch's image embeddings query the expert
 batch's image embeddings, and the expert captions' embeddings are mixed accordingly; KeepFIT then
