@@ -21,6 +21,7 @@ from absl import flags, logging
 
 from retina_jax import config as config_lib
 from retina_jax.data import pipeline
+from retina_jax.evals import evaluators
 from retina_jax.train import Trainer
 
 REPORTED = ("aca", "auc", "kappa", "f1")
@@ -39,7 +40,6 @@ def main():
     config.eval.captions.enabled = False
     trainer = Trainer(config, args.workdir)
     state = trainer.restore_latest()
-    step = int(jax.device_get(state.step))
 
     apply = jax.jit(lambda params, stats, image: trainer.model.apply(
         {"params": params, "batch_stats": stats}, image, method="encode_image", train=True,
@@ -55,7 +55,7 @@ def main():
     for difficulty in args.difficulty:
         config.eval.zero_shot.difficulty = difficulty
         for name, s in (("as trained", state), ("public BN statistics", recalibrated)):
-            result = trainer._zero_shot(s, step)
+            result, _ = evaluators.ZeroShot(config).run(trainer.encoder.at(s.params, s.batch_stats))
             rows[(difficulty, name)] = {k: round(result[k], 3) for k in REPORTED}
             print(difficulty, name, json.dumps(rows[(difficulty, name)]), flush=True)
     print("| held-out difficulty | BatchNorm statistics | " + " | ".join(REPORTED) + " |")

@@ -1,4 +1,4 @@
-"""Multi-controller start-up: one process per host on TPU pods and GPU clusters (ARCHITECTURE.md,
+"""Multi-controller start-up: one process per host on TPU pods and GPU clusters (docs/architecture.md,
 Layout: `distributed.py`; JAX's `jax.distributed`). No paper section: the papers train on one node.
 
 Every entry point calls `initialize()` before anything touches a device. What it does is read from

@@ -1,7 +1,7 @@
 """Evaluate a run's latest checkpoint: `python -m retina_jax.evaluate --config ... --workdir ...`.
 
 Without `--protocol`: runs the evaluations the trainer runs at the end of training (the zero-shot
-protocol of METHODS.md section 1 on the held-out synthetic task, and what the config enables:
+protocol of docs/methods.md, "FLAIR", on the held-out synthetic task, and what the config enables:
 multi-label probe and fine-tuning, KeepFIT V2's caption metrics; stage `text`'s held-out
 masked-token accuracy) and prints the metrics as JSON.
 

@@ -1,4 +1,4 @@
-"""The transfer-evaluation suite (METHODS.md section 1, Transfer protocols): FLAIR's splits, the adapters
+"""The transfer-evaluation suite (docs/methods.md, "FLAIR": Transfer protocols): FLAIR's splits, the adapters
 against NumPy, fine-tuning's early stopping on a copy, retrieval recall@k, the reports, and the
 evaluate CLI running every protocol on a tiny trained checkpoint."""
 import json

@@ -1,4 +1,4 @@
-"""The transfer-evaluation suite (METHODS.md section 1, Transfer protocols; section 4, Evaluation):
+"""The transfer-evaluation suite (docs/methods.md, "FLAIR": Transfer protocols; "ViLReF": Evaluation):
 one call runs one protocol of a checkpoint on one task and writes its JSON and Markdown report.
 
 Protocols (`PROTOCOLS`, a registry: a new protocol such as segmentation is one entry there, its
@@ -453,7 +453,7 @@ def _retrieval(ctx: TaskFeatures, settings: list[dict], options: Options) -> dic
 
 
 def _segmentation(ctx: TaskFeatures, settings: list[dict], options: Options) -> dict:
-    """Lesion/anatomy segmentation transfer: a U-Net decoder on the image tower (METHODS.md section 4)."""
+    """Lesion/anatomy segmentation transfer: a U-Net decoder on the image tower (docs/methods.md, "ViLReF")."""
     config = ctx.config
     size = config.data.image_size
     train = segmentation_lib.synthetic_segmentation_data(config, "train", options.segmentation_train_size, size)

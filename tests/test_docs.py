@@ -1,0 +1,44 @@
+"""The project documents itself: every `docs/<file>.md, "<section>"` reference in the code, configs,
+tests, benchmarks and README names a file of docs/ and a heading in it, and no reference points at
+the team's internal specs (METHODS.md, DATA.md, ARCHITECTURE.md), which users never see."""
+import os
+import re
+
+from test_train import REPO
+
+REFERENCE = re.compile(r'docs/([a-z_]+\.md),?\s*\(?"([^"]+)"')
+SPECS = re.compile(r"\b(METHODS|DATA|ARCHITECTURE)\.md\b")
+
+
+def _files():
+    for top in ("retina_jax", "configs", "tests", "benchmarks", "launch", "notebooks"):
+        for folder, _, names in os.walk(os.path.join(REPO, top)):
+            for name in names:
+                if name.endswith((".py", ".md", ".sh", ".ipynb", ".sbatch")):
+                    yield os.path.join(folder, name)
+    yield os.path.join(REPO, "README.md")
+    yield os.path.join(REPO, "Makefile")
+
+
+def _headings(doc: str) -> list[str]:
+    with open(os.path.join(REPO, "docs", doc)) as f:
+        return [line.lstrip("#").strip() for line in f if line.startswith("#")]
+
+
+def test_every_docs_reference_names_a_heading_and_no_spec_is_cited():
+    broken, specs, count = [], [], 0
+    for path in _files():
+        if path == os.path.abspath(__file__):
+            continue
+        text = open(path, encoding="utf-8").read()
+        rel = os.path.relpath(path, REPO)
+        specs += [f"{rel}: {m.group(0)}" for m in SPECS.finditer(text)]
+        for doc, section in REFERENCE.findall(text.replace("\n", " ")):
+            count += 1
+            if not os.path.isfile(os.path.join(REPO, "docs", doc)):
+                broken.append(f"{rel}: docs/{doc} does not exist")
+            elif not any(h.startswith(section) for h in _headings(doc)):
+                broken.append(f"{rel}: docs/{doc} has no heading {section!r}")
+    assert not specs, specs
+    assert not broken, broken
+    assert count > 100  # the references are found at all
