@@ -131,7 +131,8 @@ def restore_variables(directory: str, sharding, step: int | None = None) -> dict
     """`params` and `batch_stats` of another run's or a converted checkpoint (config.model_init, the
     predictor). Only those two trees are read (orbax partial restore): a run's Adam moments, EMA
     copy and queues stay on disk."""
-    directory = resolve(directory)
+    # orbax reads a relative path's tree metadata as None: `model_init=workdirs/...` is relative.
+    directory = os.path.abspath(resolve(directory))
     mngr = manager(directory, read_only=True)
     step = mngr.latest_step() if step is None else step
     mngr.close()
@@ -141,6 +142,8 @@ def restore_variables(directory: str, sharding, step: int | None = None) -> dict
     checkpointer = ocp.PyTreeCheckpointer()
     saved = checkpointer.metadata(path).item_metadata
     saved = getattr(saved, "tree", saved)
+    if saved is None:
+        raise FileNotFoundError(f"config.model_init: no readable train state at {path}")
     # A model without BatchNorm (ViT) saved an empty batch_stats tree, which orbax may not list.
     wanted = {k: saved[k] for k in VARIABLE_TREES if saved.get(k)}
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted)

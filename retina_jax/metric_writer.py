@@ -1,6 +1,6 @@
 """Metric writing from process 0: JSON lines (one object per step) plus a console summary.
 
-Metric names follow docs/architecture.md ("The trainer"): `train/loss`, `train/loss/<term>`, `train/lr`,
+Metric names follow docs/architecture.md ("The trainer"): `train/loss`, `train/loss_<term>`, `train/lr`,
 `perf/examples_per_sec`, `perf/step_seconds`, `perf/data_wait_seconds`, `eval/<task>/<metric>`.
 `clu.metric_writers` would import TensorFlow, so this small writer stands in for it.
 """

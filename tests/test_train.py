@@ -274,7 +274,9 @@ def test_model_init_reads_only_the_parameters_and_batch_statistics(uninterrupted
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
-    loaded = checkpointing.restore_variables(checkpointing.checkpoint_dir(workdir), reference.replicated)
+    # A relative path, as `model_init=workdirs/...` is given (orbax reads no tree metadata from one).
+    monkeypatch.chdir(os.path.dirname(workdir))
+    loaded = checkpointing.restore_variables(os.path.basename(workdir), reference.replicated)
     assert requested == [["batch_stats", "params"]] and sorted(loaded) == ["batch_stats", "params"]
     assert_trees_equal(loaded["params"], reference.state.params)
     assert_trees_equal(loaded["batch_stats"], reference.state.batch_stats)
