@@ -39,6 +39,12 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
     return data, fsdp
 
 
+def batch_devices(mesh_config, num_devices: int) -> int:
+    """Devices the global batch is split over (data x fsdp)."""
+    data, fsdp = mesh_shape(mesh_config, num_devices)
+    return data * fsdp
+
+
 def make_mesh(mesh_config) -> Mesh:
     """The `data` x `fsdp` mesh laid out by `jax.make_mesh` from the device topology (neighbouring
     chips on the fast `fsdp` axis), not in `jax.devices()` list order.

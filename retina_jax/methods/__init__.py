@@ -15,16 +15,22 @@ from retina_jax.methods.vilref import ViLReF
 METHODS: dict[str, type[Method]] = {"flair": Flair, "keepfit": KeepFIT, "keepfit_v2": KeepFITV2, "vilref": ViLReF}
 
 
+def _unknown(config) -> str:
+    return f"config.method: {config.method!r} not in {tuple(METHODS)}"
+
+
 def method_class(config) -> type[Method]:
     """The class that trains `config` (its stage's, for a method with stages)."""
     if config.method not in METHODS:
-        raise ConfigError(f"invalid config:\n  config.method: {config.method!r} not in {tuple(METHODS)}")
+        raise ConfigError(f"invalid config:\n  {_unknown(config)}")
     return METHODS[config.method].for_config(config)
 
 
 def check(config, num_devices: int) -> list[str]:
-    """Config errors of `config.method`: a part only other methods use (each named with the methods
-    that own it), then the method's own rules."""
+    """Config errors of `config.method`: an unknown method, a part only other methods use (each
+    named with the methods that own it), then the method's own rules."""
+    if config.method not in METHODS:
+        return [_unknown(config)]
     cls = method_class(config)
     errors = []
     for field, on in FEATURES.items():

@@ -120,12 +120,6 @@ class Method:
         return new_params, {"batch_stats": aux["batch_stats"]}, {}
 
 
-def batch_devices(config, num_devices: int) -> int:
-    """Devices the global batch is split over (data x fsdp)."""
-    data, fsdp = sharding.mesh_shape(config.mesh, num_devices)
-    return data * fsdp
-
-
 class TwoTowerMethod(Method):
     """An image tower and a text tower trained contrastively (FLAIR, KeepFIT, ViLReF)."""
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import jax
 
-from retina_jax import losses
+from retina_jax import losses, sharding
 from retina_jax.data import files, pipeline
-from retina_jax.methods.base import batch_devices
 from retina_jax.methods.flair import Flair
 from retina_jax.models.two_tower import TwoTower
 
@@ -29,7 +28,7 @@ class KeepFIT(Flair):
     @classmethod
     def check(cls, config, num_devices: int) -> list[str]:
         errors = super().check(config, num_devices)
-        e, k, batch_shards = config.data.expert, config.loss.keepfit, batch_devices(config, num_devices)
+        e, k, batch_shards = config.data.expert, config.loss.keepfit, sharding.batch_devices(config.mesh, num_devices)
         if not e.enabled:
             errors.append("config.data.expert.enabled: KeepFIT trains with its expert stream (True)")
             return errors

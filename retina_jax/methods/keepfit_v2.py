@@ -59,17 +59,11 @@ class TextStage(Method):
     def train_iter(self):
         return iter(pipeline.mlm_dataset(self.config, self.tokenize.path))
 
-    def prepare(self, state, batch, rng):
-        return dict(state.params), {}
-
     def loss(self, params, state, batch, rng, ctx):
         logits = self.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], train=True,
                                   rngs={"dropout": rng})
         loss, accuracy = losses.token_cross_entropy(logits, batch["mlm_labels"], batch["mlm_weights"])
-        return loss, {"batch_stats": {}, "terms": {}, "metrics": {"train/mlm_accuracy": accuracy}}
-
-    def finish_step(self, state, params, new_params, aux, ctx, batch):
-        return new_params, {"batch_stats": state.batch_stats}, {}
+        return loss, {"batch_stats": state.batch_stats, "terms": {}, "metrics": {"train/mlm_accuracy": accuracy}}
 
 
 class VisionLanguageStage(KeepFIT):

@@ -12,8 +12,8 @@ the caption decoder over the image tower's spatial tokens (`model.decoder.enable
 models/caption_decoder.py).
 
 The clamp of `logit_scale` to [0, ln 100] is applied where the temperature is used
-(`losses.clamp_logit_scale`) and on the stored value before each step (train.py), as FLAIR clamps
-`.data` in place.
+(`losses.clamp_logit_scale`) and on the stored value before or after each step (methods/base.py),
+as FLAIR and Chinese-CLIP clamp `.data` in place.
 
 Param tree names are an API (weight decay, freezing, sharding and conversion key on them):
 `img`, `txt`, `img_proj`, `txt_proj` (absent for 'none'), `logit_scale`, `knowledge`, `decoder`.
