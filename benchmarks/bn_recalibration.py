@@ -21,7 +21,7 @@ from absl import flags, logging
 
 from retina_jax import config as config_lib
 from retina_jax.data import pipeline
-from retina_jax.evals import evaluators
+from retina_jax.evals import base
 from retina_jax.train import Trainer
 
 REPORTED = ("aca", "auc", "kappa", "f1")
@@ -37,7 +37,7 @@ def main():
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     logging.set_verbosity(logging.WARNING)
     config = config_lib.load(args.config)
-    config.eval.captions.enabled = False
+    config.evals.captions.at_end = False
     trainer = Trainer(config, args.workdir)
     state = trainer.restore_latest()
 
@@ -53,9 +53,9 @@ def main():
 
     rows = {}
     for difficulty in args.difficulty:
-        config.eval.zero_shot.difficulty = difficulty
+        config.heldout.conditions.difficulty = difficulty
         for name, s in (("as trained", state), ("public BN statistics", recalibrated)):
-            result, _ = evaluators.ZeroShot(config).run(trainer.encoder.at(s.params, s.batch_stats))
+            result, _ = base.make(config, "zero_shot").run(trainer.encoder.at(s.params, s.batch_stats))
             rows[(difficulty, name)] = {k: round(result[k], 3) for k in REPORTED}
             print(difficulty, name, json.dumps(rows[(difficulty, name)]), flush=True)
     print("| held-out difficulty | BatchNorm statistics | " + " | ".join(REPORTED) + " |")

@@ -22,6 +22,50 @@ SYNTHETIC_TASK_CLASSES = (
 )
 
 
+# Every evaluator type's settings and their defaults (docs/architecture.md, "Evaluators"; the classes
+# are in retina_jax/evals/). Besides these, every entry has `type`, `every_steps` and `at_end`.
+# Task-based evaluators: `task` '' = the type's held-out synthetic task; a public task of
+# retina_jax.evals.tasks reads its images from `evaluate --data_root`. Split fields '' / 0 = the
+# protocol's and the task's defaults; `shots_train` may list several values ("1,5,10": a few-shot
+# curve); `test_task` names external test tasks (FLAIR's --experiment_test), comma separated.
+_SPLITS = dict(task="", test_task="", shots_train="", shots_val="", shots_test="", folds=0)
+_ADAPTER = dict(epochs=40, lr=1e-3)  # CLIP-Adapter's and Tip-Adapter-F's (FLAIR's adapters.py)
+_TIP = dict(alpha=1.0, beta=5.0, search=False, test_augment=True)  # test_augment: FLAIR's quirk, kept
+EVALUATORS = {
+    # In-training evaluations on the held-out corpora.
+    "zero_shot": {},  # reports under heldout.conditions.name
+    "captions": dict(beam_size=1, max_len=64),  # beam_size 1 = greedy
+    "mlm_heldout": {},
+    # ViLReF's multi-label transfer: the one linear probe (C = 1 / (2 N l2): 0.5 is the former l2 1e-3
+    # at 1,000 training images) and the one fine-tune, in training or on demand.
+    "multilabel_linear_probe": dict(task="", c=0.5, max_iter=1000),
+    "multilabel_finetune": dict(task="", epochs=3, batch_size=32, lr=1e-4, weight_decay=1e-4, grad_clip=0.0),
+    # FLAIR's transfer protocols (settings of jusiro/FLAIR's transferability code).
+    "transfer_zero_shot": dict(_SPLITS),
+    "transfer_linear_probe": dict(_SPLITS, c=0.316, max_iter=1000),
+    "transfer_clip_adapter": dict(_SPLITS, **_ADAPTER, ratio=0.2),
+    "transfer_tip_adapter": dict(_SPLITS, **_TIP),
+    "transfer_tip_adapter_f": dict(_SPLITS, **_ADAPTER, **_TIP),
+    "transfer_finetune": dict(_SPLITS, epochs=50, lr=1e-4, batch_size=4, patience=10, weight_decay=0.01,
+                              grad_clip=1.0),
+    "transfer_retrieval": dict(task="", size=200),
+    "transfer_segmentation": dict(train_size=256, test_size=128, steps=300, lr=1e-3, batch_size=16,
+                                  finetune=False),  # finetune False: frozen tower, only the decoder trains
+}
+TRANSFER_PROTOCOLS = tuple(t for t in EVALUATORS if t.startswith("transfer_"))
+
+
+def evaluator(type_: str, *, every_steps: int = 0, at_end: bool = False, **settings) -> ml_collections.ConfigDict:
+    """A `config.evals` entry of evaluator type `type_` with its default settings, some overridden."""
+    if type_ not in EVALUATORS:
+        raise ValueError(f"unknown evaluator type {type_!r}; known: {sorted(EVALUATORS)}")
+    unknown = sorted(set(settings) - set(EVALUATORS[type_]))
+    if unknown:
+        raise ValueError(f"evaluator {type_!r} has no settings {unknown}; its settings: {sorted(EVALUATORS[type_])}")
+    return ml_collections.ConfigDict({"type": type_, "every_steps": every_steps, "at_end": at_end,
+                                      **EVALUATORS[type_], **settings})
+
+
 def parse_arg(arg: str | None, **defaults):
     """Parse a config argument `a=1,b=x,flag` (big_vision style) into a ConfigDict.
 
@@ -71,8 +115,7 @@ def cpu_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3
     c.train.log_every = 8
     c.train.checkpoint_every = 128
-    c.eval.batch_size = 100
-    c.eval.zero_shot.size = 600
+    c.heldout.batch_size = 100
     return c
 
 
@@ -343,45 +386,46 @@ def get_config() -> ml_collections.ConfigDict:
     # Multi-host runs agree on stopping after SIGTERM (a host all-gather) every this many steps; one
     # process checks its own signal after every step.
     c.train.stop_check_every = 10
+    c.train.eval_at_end = True  # run the config.evals entries marked at_end after the last step
 
-    # ----------------------------------------------------------------------------------- eval
-    c.eval = ml_collections.ConfigDict()
-    c.eval.at_end = True
-    c.eval.every_steps = 0  # 0 = only at the end
-    c.eval.batch_size = 64
-    c.eval.zero_shot = ml_collections.ConfigDict()
-    c.eval.zero_shot.name = "synthetic_conditions"
-    c.eval.zero_shot.classes = SYNTHETIC_TASK_CLASSES
-    # Prompt ensemble: every template x every text of a class ('en': the name and its FLAIR
-    # descriptions; 'zh': the Chinese name and descriptions of knowledge/category_descriptions_zh.json).
-    c.eval.zero_shot.templates = ("A fundus photograph of {}",)
-    c.eval.zero_shot.language = "en"
-    c.eval.zero_shot.seed = 10_007  # never used for training (validate checks)
-    c.eval.zero_shot.size = 600
-    c.eval.zero_shot.difficulty = 0.0
-    # ViLReF's multi-label transfer (docs/methods.md, "ViLReF"): a sigmoid head on the pre-projection
-    # image feature of a COPY of the model, on held-out synthetic images with their finding labels.
-    c.eval.linear_probe = ml_collections.ConfigDict()
-    c.eval.linear_probe.enabled = False
-    c.eval.linear_probe.seed = 20_011  # held-out corpus seed (never a training seed)
-    c.eval.linear_probe.train_size = 1000
-    c.eval.linear_probe.test_size = 500
-    c.eval.linear_probe.l2 = 1e-3
-    c.eval.linear_probe.steps = 500
-    c.eval.linear_probe.lr = 1e-2
-    # KeepFIT V2's caption evaluation: generated captions of a held-out expert split (seed `seed`,
-    # the training expert set's modalities) scored with BLEU-1..4, ROUGE-L and CIDEr;
-    # beam_size 1 is greedy decoding.
-    c.eval.captions = ml_collections.ConfigDict()
-    c.eval.captions.enabled = False
-    c.eval.captions.seed = 30_013
-    c.eval.captions.size = 200
-    c.eval.captions.beam_size = 1
-    c.eval.captions.max_len = 64
-    c.eval.finetune = ml_collections.ConfigDict()
-    c.eval.finetune.enabled = False
-    c.eval.finetune.steps = 100
-    c.eval.finetune.batch_size = 32
-    c.eval.finetune.lr = 1e-4
-    c.eval.finetune.weight_decay = 1e-4
+    # --------------------------------------------------------------------------- held-out data
+    # The held-out corpora every evaluator draws from, with seeds no training run uses (validate
+    # checks), and the zero-shot prompts (docs/data.md, "Seeds").
+    c.heldout = ml_collections.ConfigDict()
+    c.heldout.batch_size = 64  # of every evaluation's forward passes
+    # The zero-shot task: one primary condition per image, no attributes.
+    c.heldout.conditions = ml_collections.ConfigDict()
+    c.heldout.conditions.name = "synthetic_conditions"
+    c.heldout.conditions.classes = SYNTHETIC_TASK_CLASSES
+    c.heldout.conditions.seed = 10_007
+    c.heldout.conditions.size = 600
+    c.heldout.conditions.difficulty = 0.0
+    # ViLReF's multi-label findings (and the segmentation masks): seed `seed` trains, `seed + 1` tests.
+    c.heldout.findings = ml_collections.ConfigDict()
+    c.heldout.findings.seed = 20_011
+    c.heldout.findings.train_size = 1000
+    c.heldout.findings.test_size = 500
+    # KeepFIT V2's held-out expert images with their captions (the training expert set's modalities).
+    c.heldout.captions = ml_collections.ConfigDict()
+    c.heldout.captions.seed = 30_013
+    c.heldout.captions.size = 200
+    # Prompt ensemble of every zero-shot prototype: every template x every text of a class ('en': the
+    # name and its FLAIR descriptions; 'zh': the Chinese name and descriptions of
+    # knowledge/category_descriptions_zh.json).
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.templates = ("A fundus photograph of {}",)
+    c.prompts.language = "en"
+
+    # ---------------------------------------------------------------------------------- evals
+    # One entry per evaluation (docs/architecture.md, "Evaluators"): `evaluator(type, ...)`. An entry
+    # runs every `every_steps` training steps (0 = never during training), when training ends if
+    # `at_end` (and train.eval_at_end), and always on demand: python -m retina_jax.evaluate --eval NAME.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.zero_shot = evaluator("zero_shot", at_end=True)
+    c.evals.multilabel_linear_probe = evaluator("multilabel_linear_probe")
+    c.evals.multilabel_finetune = evaluator("multilabel_finetune")
+    c.evals.captions = evaluator("captions")
+    c.evals.mlm_heldout = evaluator("mlm_heldout")
+    for protocol in TRANSFER_PROTOCOLS:  # the transfer suite, on demand
+        c.evals[protocol] = evaluator(protocol)
     return c

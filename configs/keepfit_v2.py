@@ -41,6 +41,9 @@ def get_config(arg=None):
 
 def _text(c, arg):
     c.mlm.enabled = True
+    # The text tower alone: its held-out masked-token accuracy instead of any image evaluation.
+    c.evals.zero_shot.at_end = False
+    c.evals.mlm_heldout.at_end = True
     c.data.expert.enabled = False
     c.model.knowledge.enabled = False
     c.loss.keepfit.mm_weight = c.loss.keepfit.rev_weight = 0.0
@@ -56,7 +59,7 @@ def _text(c, arg):
         c.optim.lr = 5e-4
         c.text.max_len = 64  # the demo tower's 64 positions (configs/flair.py:demo)
         c.mlm.heldout_size = 256
-        c.eval.batch_size = 64
+        c.heldout.batch_size = 64
     return c
 
 
@@ -67,11 +70,11 @@ def _vl(c, arg):
     c.text.tokenizer = f"{text_workdir}/tokenizer"
     c.model.decoder.enabled = True
     c.loss.keepfit.gen_weight = 1.0
-    c.eval.captions.enabled = True
+    c.evals.captions.at_end = True
     if arg.demo:
         c.model.decoder.width = 128
         c.model.decoder.layers = 2
         c.model.decoder.heads = 4
         c.model.decoder.mlp_dim = 512
-        c.eval.captions.max_len = 48
+        c.evals.captions.max_len = 48
     return c

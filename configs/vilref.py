@@ -111,9 +111,9 @@ def get_config(arg=None):
     c.optim.schedule_epochs = 20.0
     c.train.epochs = 20.0
 
-    c.eval.zero_shot.language = "zh"
-    c.eval.zero_shot.templates = ZH_TEMPLATES
-    c.eval.linear_probe.enabled = True
+    c.prompts.language = "zh"
+    c.prompts.templates = ZH_TEMPLATES
+    c.evals.multilabel_linear_probe.at_end = True
 
     if arg.rn50:
         c.model.img.name = "clip_resnet"
@@ -158,8 +158,8 @@ def _demo(c, arg):
     c.model.img.clip_resnet.output_dim = 128
     c.model.img_projection = "linear"
     c.model.txt.max_position_embeddings = 128
-    c.eval.linear_probe.train_size = 1000
-    c.eval.linear_probe.test_size = 500
+    c.heldout.findings.train_size = 1000
+    c.heldout.findings.test_size = 500
     epochs = (DEMO_CLIP_EPOCHS if arg.stage == "clip" else DEMO_VILREF_EPOCHS) * arg.steps_scale
     c.optim.schedule_epochs = epochs
     c.train.epochs = epochs

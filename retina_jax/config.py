@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 # The allowed values of each switch are owned by the module that implements it.
-from retina_jax import methods
+from retina_jax import evals, methods
 from retina_jax.data.files import FORMATS as FILE_FORMATS, MIXING, ON_ERROR
 from retina_jax.data.labels import LANGUAGES as REPORT_LANGUAGES
 from retina_jax.data.synthetic import MODALITIES
@@ -150,16 +150,6 @@ def validate(config, num_devices: int) -> None:
           f"{tuple(e.modalities)} must be a non-empty subset of {MODALITIES}")
     check(not e.modality_weights or len(e.modality_weights) == len(e.modalities), "data.expert.modality_weights",
           f"{len(e.modality_weights)} weights for {len(e.modalities)} modalities (() = uniform)")
-    cap = config.eval.captions
-    if cap.enabled:
-        check(config.model.decoder.enabled, "eval.captions.enabled",
-              "needs the caption decoder (model.decoder.enabled=True)")
-        check(cap.beam_size >= 1, "eval.captions.beam_size", f"{cap.beam_size} must be >= 1 (1 = greedy)")
-        check(2 <= cap.max_len <= config.text.max_len, "eval.captions.max_len",
-              f"{cap.max_len} must be in [2, text.max_len={config.text.max_len}]")
-        check(cap.seed not in (e.seed, config.data.synthetic.seed), "eval.captions.seed",
-              f"{cap.seed} must differ from the training and expert corpus seeds")
-        check(cap.size > 0, "eval.captions.size", "must be > 0")
     check(not config.model_init_trees or bool(config.model_init), "model_init_trees",
           f"{tuple(config.model_init_trees)} given without model_init")
     check(config.loss.wscl.coupling in WSCL_COUPLINGS, "loss.wscl.coupling",
@@ -168,16 +158,24 @@ def validate(config, num_devices: int) -> None:
     errors += methods.check(config, num_devices)
     check(config.model.logit_scale_clamp in LOGIT_SCALE_CLAMPS, "model.logit_scale_clamp",
           f"{config.model.logit_scale_clamp!r} not in {LOGIT_SCALE_CLAMPS}")
-    check(config.eval.zero_shot.language in PROMPT_LANGUAGES, "eval.zero_shot.language",
-          f"{config.eval.zero_shot.language!r} not in {PROMPT_LANGUAGES}")
-    check(len(config.eval.zero_shot.templates) > 0 and all("{}" in t for t in config.eval.zero_shot.templates),
-          "eval.zero_shot.templates", "needs at least one template, each with {} for the class text")
-    lp = config.eval.linear_probe
-    if lp.enabled or config.eval.finetune.enabled:
-        check(lp.train_size > 0 and lp.test_size > 0, "eval.linear_probe.train_size",
-              "train_size and test_size must be > 0")
-        check(lp.seed not in (config.data.synthetic.seed, config.data.synthetic.seed - 1), "eval.linear_probe.seed",
-              f"its seeds {lp.seed} and {lp.seed + 1} must differ from the training corpus seed")
+    check(config.prompts.language in PROMPT_LANGUAGES, "prompts.language",
+          f"{config.prompts.language!r} not in {PROMPT_LANGUAGES}")
+    check(len(config.prompts.templates) > 0 and all("{}" in t for t in config.prompts.templates),
+          "prompts.templates", "needs at least one template, each with {} for the class text")
+    h, train_seeds = config.heldout, (config.data.synthetic.seed, e.seed)
+    check(h.conditions.seed not in train_seeds, "heldout.conditions.seed",
+          f"held-out seed {h.conditions.seed} equals a training corpus seed {train_seeds}")
+    check(len(h.conditions.classes) >= 2, "heldout.conditions.classes", "needs at least 2 classes")
+    check(h.findings.train_size > 0 and h.findings.test_size > 0, "heldout.findings.train_size",
+          "train_size and test_size must be > 0")
+    check(not {h.findings.seed, h.findings.seed + 1} & set(train_seeds), "heldout.findings.seed",
+          f"its seeds {h.findings.seed} and {h.findings.seed + 1} must differ from the training corpus seeds {train_seeds}")
+    check(h.captions.seed not in train_seeds, "heldout.captions.seed",
+          f"{h.captions.seed} must differ from the training and expert corpus seeds {train_seeds}")
+    check(h.captions.size > 0, "heldout.captions.size", "must be > 0")
+    check(h.batch_size > 0 and h.batch_size % max(batch_shards, 1) == 0, "heldout.batch_size",
+          f"{h.batch_size} must be a positive multiple of the {batch_shards} data x fsdp devices")
+    errors += evals.check(config)
     check(config.optim.lr > 0, "optim.lr", "must be > 0")
     check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
     check(config.optim.warmup_steps >= 0 or config.optim.schedule_epochs >= config.optim.warmup_epochs, "optim.schedule_epochs",
@@ -186,11 +184,6 @@ def validate(config, num_devices: int) -> None:
     check(config.train.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
     check(config.train.log_every > 0, "train.log_every", "must be > 0")
     check(config.train.stop_check_every > 0, "train.stop_check_every", "must be > 0")
-    check(config.eval.zero_shot.seed != config.data.synthetic.seed, "eval.zero_shot.seed",
-          f"held-out seed equals the training corpus seed {config.data.synthetic.seed}")
-    check(len(config.eval.zero_shot.classes) >= 2, "eval.zero_shot.classes", "needs at least 2 classes")
-    check(config.eval.batch_size > 0 and config.eval.batch_size % max(batch_shards, 1) == 0, "eval.batch_size",
-          f"{config.eval.batch_size} must be a positive multiple of the {batch_shards} data x fsdp devices")
     check(not config.resume or os.path.isdir(config.resume), "resume",
           f"{config.resume!r} is not a checkpoint directory")
     check(not config.model_init or os.path.isdir(config.model_init), "model_init",

@@ -32,11 +32,13 @@ class Encoder:
         self._mlm_logits = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
         self.variables = None
 
-    def at(self, params, batch_stats) -> "Encoder":
-        """This encoder with one model's variables bound (shares the compiled functions)."""
+    def at(self, params, batch_stats, *, step: int = 0, checkpoint: str = "") -> "Encoder":
+        """This encoder with one model's variables bound (shares the compiled functions); `step` and
+        `checkpoint` (its run directory) are what the reports name."""
         bound = object.__new__(Encoder)
         bound.__dict__.update(self.__dict__)
         bound.variables = {"params": params, "batch_stats": batch_stats}
+        bound.step, bound.checkpoint = step, checkpoint
         bound.cache = {}  # what several evaluators of one evaluation share (e.g. gathered features)
         return bound
 

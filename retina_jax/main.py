@@ -15,7 +15,7 @@ from retina_jax import cli
 def main(argv):
     result = cli.trainer_from_flags(argv).train()
     if result:
-        print(json.dumps({"zero_shot": cli.CONFIG.value.eval.zero_shot.name, **result}, indent=2))
+        print(json.dumps({"zero_shot": cli.CONFIG.value.heldout.conditions.name, **result}, indent=2))
     logging.info("done: %s", cli.WORKDIR.value)
 
 

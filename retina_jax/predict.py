@@ -122,8 +122,8 @@ class Predictor:
     def prototypes(self, classes, templates=None, use_descriptions: bool = True, language: str | None = None
                    ) -> np.ndarray:
         """[C, D] class prototypes; templates and language default to the run's own zero-shot prompts
-        (`eval.zero_shot.templates` / `.language`: Chinese for ViLReF)."""
-        z = self.config.eval.zero_shot
+        (`prompts.templates` / `prompts.language`: Chinese for ViLReF)."""
+        z = self.config.prompts
         descriptions = None if use_descriptions else {}
         return zeroshot.class_prototypes(lambda ids, mask: self._encode_text(self.variables, ids, mask), self.tokenize,
                                          classes, tuple(templates or z.templates), descriptions,
@@ -160,9 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--image", nargs="+", required=True, help="image files (JPEG, PNG, ...; any size)")
     parser.add_argument("--classes", required=True, help="comma-separated class names")
     parser.add_argument("--template", action="append",
-                        help="prompt template(s) with {}; default: the run's eval.zero_shot.templates")
+                        help="prompt template(s) with {}; default: the run's prompts.templates")
     parser.add_argument("--language", choices=zeroshot.LANGUAGES,
-                        help="prompt language; default: the run's eval.zero_shot.language (zh for ViLReF)")
+                        help="prompt language; default: the run's prompts.language (zh for ViLReF)")
     parser.add_argument("--no-descriptions", action="store_true", help="prompt class names only (no expert descriptions)")
     parser.add_argument("--tokenizer", help="tokenizer directory, if the checkpoint carries none")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
             if "{}" not in t:
                 raise ValueError(f"--template {t!r} has no {{}} for the class text")
         predictor = Predictor.load(args.checkpoint, args.tokenizer)
-        templates = tuple(args.template or predictor.config.eval.zero_shot.templates)
-        language = args.language or predictor.config.eval.zero_shot.language
+        templates = tuple(args.template or predictor.config.prompts.templates)
+        language = args.language or predictor.config.prompts.language
         print(f"prompts: language {language}, templates {list(templates)}", file=sys.stderr)
         results = predictor.predict(args.image, classes, templates, not args.no_descriptions, args.batch_size,
                                     language)

@@ -2,8 +2,8 @@
 metrics and preemption (docs/architecture.md, "The trainer").
 
 What is trained is the method's (`config.method`, retina_jax/methods/): its model, data streams,
-extra state and the loss of one step. What is measured is the evaluators' (`retina_jax/evals/
-evaluators.py`), which see the model only through the public `Encoder`.
+extra state and the loss of one step. What is measured is the evaluators' (`config.evals`,
+retina_jax/evals/), which see the model only through the public `Encoder`.
 
 Sharding: one `jax.jit` with NamedShardings on a `data` x `fsdp` mesh (sharding.py). The batch is
 sharded over both axes; parameters, optimizer state and EMA parameters are replicated or
@@ -24,12 +24,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from retina_jax import checkpointing, distributed, sharding
+from retina_jax import checkpointing, distributed, evals, sharding
 from retina_jax.config import validate
 from retina_jax.data import files, pipeline
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.encoder import Encoder
-from retina_jax.evals import evaluators
 from retina_jax.methods import method_class
 from retina_jax.metric_writer import MetricWriter, Throughput, check_finite
 from retina_jax.optim import make_optimizer
@@ -65,7 +64,7 @@ class Trainer:
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
         self.encoder = Encoder(self.model, self.tokenize, self.mesh)
-        self.evaluators = evaluators.build(config)
+        self.evaluators = evals.build(config, out_dir=os.path.join(self.workdir, "transfer"))
         self.writer = MetricWriter(self.workdir)
         self._stop_signal = None
 
@@ -185,9 +184,10 @@ class Trainer:
                     logging.warning("stopped by signal %s at step %d; checkpoint saved",
                                     self._stop_signal or "SIGTERM on another process", done)
                     return {}
-                if config.eval.every_steps and done % config.eval.every_steps == 0 and done != self.total_steps:
+                due = [e for e in self.evaluators if e.settings.every_steps and done % e.settings.every_steps == 0]
+                if due and done != self.total_steps:
                     with throughput.outside():
-                        self.evaluate(state, step=done)
+                        self.evaluate(state, step=done, evaluators=due)
             save(self.total_steps, force=True)
             mngr.wait_until_finished()
         finally:
@@ -196,7 +196,7 @@ class Trainer:
                 progress.close()
             mngr.close()
         self.state = state
-        return self.evaluate(state, step=self.total_steps) if config.eval.at_end else {}
+        return self.evaluate(state, step=self.total_steps) if config.train.eval_at_end else {}
 
     def _log(self, done: int, metrics: dict, throughput: Throughput, progress):
         check_finite(done, metrics)
@@ -229,15 +229,17 @@ class Trainer:
         finally:
             mngr.close()
 
-    def evaluate(self, state: TrainState, step: int) -> dict:
-        """Every configured evaluator on the state's model; each writes eval/<name>/<metric> and a
-        JSON report (eval_<name>.json) in the workdir."""
-        encoder, result = self.encoder.at(state.params, state.batch_stats), {}
-        for evaluator in self.evaluators:
+    def evaluate(self, state: TrainState, step: int, evaluators=None) -> dict:
+        """`evaluators` (default: the config.evals entries marked at_end) on the state's model; each
+        writes eval/<report_name>/<metric> and eval_<report_name>.json in the workdir. Returns their
+        metrics in one dict, each under its evaluator's prefix."""
+        encoder, result = self.encoder.at(state.params, state.batch_stats, step=step, checkpoint=self.workdir), {}
+        for evaluator in [e for e in self.evaluators if e.settings.at_end] if evaluators is None else evaluators:
             t0 = time.time()
             metrics, extra = evaluator.run(encoder)
-            self._report(evaluator.name, step, metrics, seconds=time.time() - t0, **extra)
-            result.update({f"{evaluator.prefix}{k}": v for k, v in metrics.items()})
+            extra.pop("result", None)  # a task evaluator's whole result is in its own report
+            self._report(evaluator.report_name, step, metrics, seconds=time.time() - t0, **extra)
+            result.update({f"{evaluator.metric_prefix}{k}": v for k, v in metrics.items()})
         return result
 
     def _report(self, name: str, step: int, result: dict, **extra):

@@ -140,15 +140,15 @@ def test_train_pipeline_batches_are_deterministic_and_resumable(tmp_path):
 
 
 def test_heldout_split_uses_its_own_seed_and_single_conditions():
-    config = demo_config(**{"eval.zero_shot.size": 30})
+    config = demo_config(**{"heldout.conditions.size": 30})
     source = pipeline.heldout_source(config)
-    assert source.spec.seed == config.eval.zero_shot.seed != config.data.synthetic.seed
+    assert source.spec.seed == config.heldout.conditions.seed != config.data.synthetic.seed
     batches = list(pipeline.heldout_batches(config, 16))
     assert len(batches) == 2
     images, labels, valid = batches[-1]
     assert valid.sum() == 14 and np.all(images[~valid] == 0)
     all_labels = np.concatenate([y[v] for _, y, v in batches])
-    assert set(all_labels) <= set(range(len(config.eval.zero_shot.classes)))
+    assert set(all_labels) <= set(range(len(config.heldout.conditions.classes)))
 
 
 def test_zero_shot_prototypes_are_unnormalised_means():

@@ -132,7 +132,7 @@ app.run(main)
 
 # test_train's tiny FLAIR run cut to 8 steps (checkpoints at 4 and 8), without the final evaluation;
 # the processes agree on stopping every 2 steps.
-SHORT = {"eval.at_end": False, "train.epochs": 2.0, "train.stop_check_every": 2}
+SHORT = {"train.eval_at_end": False, "train.epochs": 2.0, "train.stop_check_every": 2}
 
 
 def _launch(workdir: str, port: int, npz: str, **extra) -> list[subprocess.Popen]:
@@ -199,7 +199,7 @@ def test_two_processes_stop_together_on_sigterm_resume_like_one_and_restore_on_o
 
     # The same command again resumes there and finishes, then evaluates; meanwhile the 1-process,
     # 8-device run.
-    procs = _launch(workdir, free_port(), npz, **{"eval.at_end": True})
+    procs = _launch(workdir, free_port(), npz, **{"train.eval_at_end": True})
     one = Trainer(tiny_config(**SHORT), str(tmp_path / "one"))
     one.train()
     one_eval = one.evaluate(one.state, 8)

@@ -71,7 +71,7 @@ def on_disk(tmp_path_factory):
 def test_flair_stream_trains_from_csv_jsonl_and_arrayrecord(on_disk, tmp_path):
     _, paths = on_disk
     # test_train's tiny run (72 examples = its 4 steps an epoch, so the same compiled step).
-    config = with_datasets(tiny_config(**{"train.epochs": 0.5, "eval.at_end": False}),
+    config = with_datasets(tiny_config(**{"train.epochs": 0.5, "train.eval_at_end": False}),
                            {"csv": entry("flair_csv", paths["flair_csv"]), "jsonl": entry("jsonl", paths["jsonl"]),
                             "ar": entry("arrayrecord", paths["arrayrecord"])})
     validate(config, 8)
@@ -102,7 +102,7 @@ def test_keepfit_expert_stream_reads_an_mmretinal_csv(on_disk):
 def test_vilref_trains_from_an_lmdb_with_its_given_labels(on_disk, tmp_path):
     _, paths = on_disk
     # A queue of one batch: the LMDB holds only 24 pairs (momentum.queue_max_fraction).
-    config = with_datasets(tiny_vilref(**{"train.epochs": 2.0, "optim.schedule_epochs": 12.0, "eval.at_end": False,
+    config = with_datasets(tiny_vilref(**{"train.epochs": 2.0, "optim.schedule_epochs": 12.0, "train.eval_at_end": False,
                                           "data.reports.labels": "given", "momentum.queue_size": 16,
                                           "momentum.queue_max_fraction": 1.0}),
                            {"lmdb": entry("vilref_lmdb", paths["vilref_lmdb"])})
@@ -173,7 +173,7 @@ def test_skip_count_is_logged_checkpointed_and_restored_on_resume(tmp_path):
     config = with_datasets(tiny_config(**{"data.shuffle": False, "data.ood_ban": False, "data.on_error": "skip",
                                           "train.epochs": 1.5, "optim.schedule_epochs": 6.0,
                                           "optim.warmup_epochs": 2.0, "train.checkpoint_every": 2,
-                                          "eval.at_end": False}),
+                                          "train.eval_at_end": False}),
                            {"csv": entry("flair_csv", csv)})
     workdir = str(tmp_path / "run")
     trainer = Trainer(config, workdir)
@@ -210,7 +210,7 @@ def test_keepfit_trains_with_an_mmretinal_expert_csv_and_counts_its_bad_rows(on_
     with open(mm, "w", newline="", encoding="utf-8") as f:
         csv_writer(f).writerows(table)
     # test_keepfit's tiny run: 64 public examples = its 4 steps an epoch (the same compiled step), 2 steps.
-    config = with_datasets(tiny_keepfit(**{"train.epochs": 0.5, "eval.at_end": False, "data.ood_ban": False,
+    config = with_datasets(tiny_keepfit(**{"train.epochs": 0.5, "train.eval_at_end": False, "data.ood_ban": False,
                                            "data.on_error": "skip"}),
                            {"csv": entry("flair_csv", paths["flair_csv"]), "jsonl": entry("jsonl", paths["jsonl"]),
                             "ar": entry("arrayrecord", paths["arrayrecord"])},

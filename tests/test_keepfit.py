@@ -351,7 +351,7 @@ def test_batchnorm_is_updated_by_the_public_then_the_expert_pass(keepfit_run):
 
 def test_crashed_keepfit_run_resumes_both_streams_exactly(keepfit_run, tmp_path):
     reference, _, _ = keepfit_run
-    resumed = crash_and_resume(tiny_keepfit(**{"eval.at_end": False}), str(tmp_path), crash_at=6, last_checkpoint=4)
+    resumed = crash_and_resume(tiny_keepfit(**{"train.eval_at_end": False}), str(tmp_path), crash_at=6, last_checkpoint=4)
     for field in ("params", "opt_state", "batch_stats"):
         assert_trees_equal(getattr(resumed.state, field), getattr(reference.state, field))
     assert resumed.data_iter.get_state() == reference.data_iter.get_state()

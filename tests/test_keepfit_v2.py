@@ -16,7 +16,7 @@ from test_train import REPO, assert_trees_equal, train_rows
 from retina_jax import checkpointing, config as config_lib, losses
 from retina_jax.config import ConfigError, validate
 from retina_jax.data import pipeline
-from retina_jax.evals import evaluators
+from retina_jax.evals import base
 from retina_jax.data.text_corpus import TextSource, WholeWordMask, read_text_folder
 from retina_jax.data.tokenizer import learn_wordpiece, load_tokenizer
 from retina_jax.models import caption_decoder
@@ -257,7 +257,7 @@ V2 = os.path.join(REPO, "configs", "keepfit_v2.py")
 STAGE_TEXT_TINY = {
     **{k: v for k, v in KEEPFIT_TINY.items() if not k.startswith("data.expert.batch")},
     "mlm.heldout_size": 16,  # 64 reports + 24 captions - 16 held out = 72 texts: 4 steps per epoch
-    "eval.batch_size": 16,
+    "heldout.batch_size": 16,
 }
 STAGE_VL_TINY = {
     **KEEPFIT_TINY,
@@ -267,8 +267,8 @@ STAGE_VL_TINY = {
     "model.decoder.layers": 1,
     "model.decoder.heads": 2,
     "model.decoder.mlp_dim": 32,
-    "eval.captions.size": 16,
-    "eval.captions.max_len": 24,
+    "heldout.captions.size": 16,
+    "evals.captions.max_len": 24,
 }
 
 
@@ -284,7 +284,7 @@ def test_paper_config_of_both_stages():
     assert vl.data.expert.modality_weights == (2169.0, 1947.0, 233.0) and vl.data.expert.size == 4349
     assert vl.data.prompt_template == "A {atr} {modality} of {cls}"
     assert (vl.loss.keepfit.mm_weight, vl.loss.keepfit.rev_weight, vl.loss.keepfit.gen_weight) == (1.0, 100.0, 1.0)
-    assert vl.model.decoder.enabled and vl.eval.captions.enabled
+    assert vl.model.decoder.enabled and vl.evals.captions.at_end
     assert (vl.data.batch_size, vl.data.expert.batch_size, vl.optim.lr) == (24, 24, 1e-4)  # KeepFIT's
     with pytest.raises(ValueError, match="stage=text or :stage=vl"):
         config_lib.load(V2)
@@ -295,9 +295,9 @@ def test_paper_config_of_both_stages():
     ({"model.decoder.heads": 3}, "config.model.decoder.heads: width 16 is not divisible by 3 heads"),
     ({"model.img.name": "vit", "model.img.vit.patch_size": 8}, "config.model.decoder.enabled: its spatial image "
                                                                 "tokens are implemented for model.img.name='resnet'"),
-    ({"eval.captions.beam_size": 0}, "config.eval.captions.beam_size: 0 must be >= 1"),
-    ({"eval.captions.max_len": 100}, "config.eval.captions.max_len: 100 must be in [2, text.max_len=48]"),
-    ({"eval.captions.seed": 1}, "config.eval.captions.seed: 1 must differ"),
+    ({"evals.captions.beam_size": 0}, "config.evals.captions.beam_size: 0 must be >= 1"),
+    ({"evals.captions.max_len": 100}, "config.evals.captions.max_len: 100 must be in [2, text.max_len=48]"),
+    ({"heldout.captions.seed": 1}, "config.heldout.captions.seed: 1 must differ"),
     ({"data.expert.modalities": ("CFP", "MRI")}, "config.data.expert.modalities"),
     ({"data.expert.modality_weights": (1.0,)}, "config.data.expert.modality_weights: 1 weights for 3 modalities"),
     ({"model_init": "", "model_init_trees": ("txt",)}, "config.model_init_trees: ('txt',) given without model_init"),
@@ -350,7 +350,7 @@ def test_stage_text_trains_the_masked_lm_and_reports_heldout_accuracy(two_stages
     # The report against NumPy over the same held-out masks: every masked token pooled.
     encoder = text.encoder.at(state.params, state.batch_stats)
     nll, hits, count = [], 0, 0
-    for batch in pipeline.mlm_heldout_batches(text.config, text.tokenize.path, text.config.eval.batch_size):
+    for batch in pipeline.mlm_heldout_batches(text.config, text.tokenize.path, text.config.heldout.batch_size):
         logits = np.asarray(encoder.mlm_logits(batch["input_ids"], batch["attention_mask"]), np.float64)
         at = batch["mlm_weights"] > 0
         logp = logits - logits.max(-1, keepdims=True)
@@ -394,11 +394,11 @@ def test_stage_vl_loss_adds_the_caption_term_and_reports_caption_metrics(two_sta
     # The greedy captions are the argmax continuation of the decoder, token by token (NumPy loop).
     encoder = vl.encoder.at(vl.state.params, vl.state.batch_stats)
     source = pipeline.caption_source(vl.config)
-    memory, _ = encoder.image_tokens(pipeline.heldout_batches(vl.config, vl.config.eval.batch_size, source,
+    memory, _ = encoder.image_tokens(pipeline.heldout_batches(vl.config, vl.config.heldout.batch_size, source,
                                                               lambda example: example["index"]))
     tok = vl.tokenize.tokenizer
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    max_len = vl.config.eval.captions.max_len
+    max_len = vl.config.evals.captions.max_len
     tokens = np.full((1, max_len), tok.token_to_id("[PAD]"), np.int32)
     tokens[0, 0] = cls
     for t in range(1, max_len):
@@ -406,10 +406,27 @@ def test_stage_vl_loss_adds_the_caption_term_and_reports_caption_metrics(two_sta
         if tokens[0, t] == sep:
             break
     assert report["examples"][0]["generated"] == tok.decode(tokens[0].tolist(), skip_special_tokens=True)
-    # Beam search through the same evaluator.
-    vl.config.eval.captions.beam_size = 3
-    result, extra = evaluators.Captions(vl.config).run(encoder)
+    # Beam search through the same evaluator, against a beam search written out here over the decoder's
+    # log-probabilities: beams ranked by summed log-probability, a finished beam carried on unchanged,
+    # the final pick by score / generated length.
+    result, extra = base.make(vl.config, "captions", beam_size=3, max_len=max_len).run(encoder)
     assert result["num_examples"] == 16 and extra["beam_size"] == 3
+    beams = [([cls], 0.0, False)]
+    for t in range(1, max_len):
+        candidates = []
+        for toks, score, done in beams:
+            if done:
+                candidates.append((toks, score, True))
+                continue
+            padded = np.array([toks + [tok.token_to_id("[PAD]")] * (max_len - len(toks))], np.int32)
+            logits = np.asarray(encoder.caption_logits(memory[:1], padded), np.float64)[0, t - 1]
+            logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            candidates += [(toks + [int(v)], score + logp[v], int(v) == sep) for v in np.argsort(-logp)[:3]]
+        beams = sorted(candidates, key=lambda c: -c[1])[:3]
+        if all(done for _, _, done in beams):
+            break
+    best = max(beams, key=lambda b: b[1] / max(len(b[0]) - 1, 1))[0]
+    assert extra["examples"][0]["generated"] == tok.decode(best, skip_special_tokens=True)
 
 
 def test_stage_text_reads_a_folder_of_txt_files(tmp_path):

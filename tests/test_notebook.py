@@ -23,7 +23,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         f"WORKDIR = {workdir!r}",
         "CLIP_CONFIG = None",  # stage `clip` skipped: TINY trains stage `vilref` from scratch
         "CONFIG = 'configs/vilref.py:demo'",
-        f"OVERRIDES = {({**TINY, 'eval.finetune.enabled': False})!r}",
+        f"OVERRIDES = {({**TINY, 'evals.multilabel_finetune.at_end': False})!r}",
         "INSTALL = True",
     ])
     for key, value in subprocess_env().items():  # the kernel inherits 8 fake CPU devices

@@ -427,7 +427,7 @@ def test_synthetic_segmentation_data_from_config():
     config = common.get_config()
     config.data.synthetic.image_size = 64
     images, masks = synthetic_segmentation_data(config, 'train', 2, 32)
-    ds = SyntheticFundus(CorpusSpec(seed=config.eval.linear_probe.seed, size=2, image_size=64,
+    ds = SyntheticFundus(CorpusSpec(seed=config.heldout.findings.seed, size=2, image_size=64,
                                     comorbidity_prob=config.data.synthetic.comorbidity_prob, expert_fraction=0.0,
                                     difficulty=config.data.synthetic.difficulty))
     np.testing.assert_array_equal(images[1], transforms.preprocess(ds[1]['image'], 32, config.data.preprocess))

@@ -82,9 +82,9 @@ def test_the_papers_public_tasks_are_there_in_the_original_label_order():
 
 def test_synthetic_tasks_match_the_trainer_and_the_knowledge_base():
     config = common.get_config()
-    conditions = T.load_task(config.eval.zero_shot.name)
+    conditions = T.load_task(config.heldout.conditions.name)
     assert conditions.name == 'synthetic_conditions' and conditions.source == 'synthetic'
-    assert conditions.classes == tuple(config.eval.zero_shot.classes) and conditions.dataframe is None
+    assert conditions.classes == tuple(config.heldout.conditions.classes) and conditions.dataframe is None
     assert conditions.descriptions == {c: tuple(knowledge.CATEGORY_DESCRIPTIONS[c]) for c in conditions.classes}
     assert [conditions.descriptions_zh[c][0] for c in conditions.classes] == [
         knowledge.CONDITION_NAMES_ZH[c] for c in conditions.classes]

@@ -34,8 +34,8 @@ TINY = {
     "train.log_every": 1,
     "train.checkpoint_every": 4,
     "train.progress": False,
-    "eval.batch_size": 32,
-    "eval.zero_shot.size": 48,
+    "heldout.batch_size": 32,
+    "heldout.conditions.size": 48,
 }
 
 
@@ -186,7 +186,7 @@ def test_killed_run_resumes_to_the_same_parameters_and_data_position(uninterrupt
     for attempt in range(3):  # the save seen in flight may complete before the kill lands: try again
         workdir = str(tmp_path / f"killed{attempt}")
         ckpt = checkpointing.checkpoint_dir(workdir)
-        proc = _start_main(workdir, **{"eval.at_end": False, "train.checkpoint_every": 1})
+        proc = _start_main(workdir, **{"train.eval_at_end": False, "train.checkpoint_every": 1})
         wait_for_save_in_flight(ckpt, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -200,7 +200,7 @@ def test_killed_run_resumes_to_the_same_parameters_and_data_position(uninterrupt
     # The half-written step is ignored; the run resumes from the last complete one.
     assert killed_at is not None and 1 <= killed_at < int(left[0].split(".")[0]) <= 12, (killed_at, left)
 
-    resumed = Trainer(tiny_config(**{"eval.at_end": False}), workdir)
+    resumed = Trainer(tiny_config(**{"train.eval_at_end": False}), workdir)
     resumed.train()
     info = json.load(open(os.path.join(workdir, "run_info.json")))
     assert info["start_step"] == killed_at  # it really resumed mid-run
@@ -295,19 +295,20 @@ def test_evaluate_cli_reports_the_same_zero_shot_figures(uninterrupted):
     out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     printed = json.loads(out.stdout[out.stdout.index("{"):])
+    assert list(printed) == ["zero_shot"]  # without --eval: what training runs at its end
     for key in ("aca", "kappa", "f1", "auc"):
-        assert printed[key] == pytest.approx(result[key], abs=1e-6)
+        assert printed["zero_shot"][key] == pytest.approx(result[key], abs=1e-6)
 
 
 def test_validate_names_the_offending_fields():
     c = tiny_config()
     c.data.batch_size = 12  # not a multiple of 8 devices
     c.model.txt.pooling = "max"
-    c.eval.zero_shot.seed = c.data.synthetic.seed
+    c.heldout.conditions.seed = c.data.synthetic.seed
     with pytest.raises(ConfigError) as err:
         validate(c, 8)
     msg = str(err.value)
-    assert "config.data.batch_size" in msg and "config.model.txt.pooling" in msg and "config.eval.zero_shot.seed" in msg
+    assert "config.data.batch_size" in msg and "config.model.txt.pooling" in msg and "config.heldout.conditions.seed" in msg
     validate(tiny_config(), 8)
 
 
@@ -373,7 +374,7 @@ def test_converted_checkpoint_trains_on(kind, tmp_path):
     FLAIR's run is asked to fall."""
     tmodel, out = _converted(tmp_path, kind)
     # The manifest's architecture; the run keeps the demo's image size and lengths.
-    extra = {"train.epochs": 6.0, "optim.schedule_epochs": 6.0, "eval.at_end": False, "train.checkpoint_every": 1000}
+    extra = {"train.epochs": 6.0, "optim.schedule_epochs": 6.0, "train.eval_at_end": False, "train.checkpoint_every": 1000}
     if kind == "vilref":
         extra.update({"data.preprocess": "clip", "model.txt.pooling": "cls"})
     config = tiny_config(model_init=out, **config_lib.converted_overrides(out, suggested=False), **extra)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from retina_jax.evals import adapters, finetune, report, retrieval, splits, suite
+from configs import common
+from retina_jax.evals import adapters, base, finetune, linear_probe, report, retrieval, splits, suite
 from retina_jax.evals.metrics import classification_metrics
 from test_train import DEMO, REPO, cli_flags, subprocess_env, tiny_config
 
@@ -139,19 +140,63 @@ def test_clip_adapter_residual_form():
     np.testing.assert_allclose(adapters.clip_adapter_features(params, x), _unit(mixed), rtol=1e-5, atol=1e-6)
 
 
-def test_linear_probe_is_flairs_balanced_logistic_regression():
+def _minimise_logistic(x, y, weights, c, softmax: bool):
+    """The probe's objective minimised by scipy's BFGS, independently of scikit-learn: sum_i w_i CE_i +
+    ||W||^2 / (2C), the intercept unpenalised. Softmax: y class ids, returns [M, K] coefficient
+    function; sigmoid: y in {0, 1}."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax, log_expit
+    num_features = x.shape[1]
+    k = int(y.max()) + 1 if softmax else 1
+
+    def unpack(theta):
+        return theta[:num_features * k].reshape(num_features, k), theta[num_features * k:]
+
+    def objective(theta):
+        w, b = unpack(theta)
+        logits = x @ w + b
+        if softmax:
+            nll = -log_softmax(logits, axis=1)[np.arange(len(y)), y]
+        else:
+            z = logits[:, 0]
+            nll = -(y * log_expit(z) + (1 - y) * log_expit(-z))
+        return np.sum(weights * nll) + np.sum(w ** 2) / (2 * c)
+
+    theta = minimize(objective, np.zeros(num_features * k + k), method="BFGS", options={"gtol": 1e-9}).x
+    return unpack(theta)
+
+
+def test_linear_probe_single_label_is_flairs_balanced_logistic_regression():
     rng = np.random.default_rng(4)
     y = np.array([0] * 40 + [1] * 8 + [2] * 12)
     x = rng.normal(size=(len(y), 6)) + 0.8 * np.eye(6)[y]
-    clf = adapters.fit_linear_probe(x, y)
-    params = clf.get_params()
-    assert params["C"] == 0.316 and params["class_weight"] == "balanced" and params["max_iter"] == 1000
-    reference = LogisticRegression(C=0.316, class_weight="balanced", max_iter=1000).fit(x, y)
-    np.testing.assert_allclose(clf.coef_, reference.coef_, rtol=1e-4, atol=1e-6)
-    unbalanced = LogisticRegression(C=0.316, max_iter=1000).fit(x, y)
-    assert np.abs(clf.coef_ - unbalanced.coef_).max() > 1e-2
-    probs = adapters.linear_probe_probs(clf, x[:5], 4)  # a 4th class absent from train: probability 0
-    assert probs.shape == (5, 4) and np.all(probs[:, 3] == 0) and np.allclose(probs.sum(axis=1), 1)
+    test_x = rng.normal(size=(7, 6))
+    probs, info = linear_probe.fit_predict(x, y, test_x, num_classes=4, c=0.316, balanced=True)
+    # 'balanced': each class weighted by N / (K n_c); the optimum of that objective, found by scipy.
+    counts = np.bincount(y)
+    w, b = _minimise_logistic(x, y, (len(y) / (3 * counts))[y], 0.316, softmax=True)
+    logits = test_x @ w + b
+    want = np.exp(logits - logits.max(1, keepdims=True))
+    # Within lbfgs's stopping tolerance (scikit-learn's default tol 1e-4, which FLAIR keeps).
+    np.testing.assert_allclose(probs[:, :3], want / want.sum(1, keepdims=True), atol=2e-3)
+    assert np.all(probs[:, 3] == 0) and info["iterations"] > 0  # a 4th class absent from train: probability 0
+    unbalanced, _ = linear_probe.fit_predict(x, y, test_x, num_classes=4, c=0.316)
+    assert np.abs(unbalanced - probs).max() > 1e-2
+
+
+def test_linear_probe_multilabel_is_one_standardised_logistic_regression_per_finding():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(80, 5)) * [1.0, 3.0, 0.5, 2.0, 1.0] + [0.0, 5.0, -1.0, 0.0, 2.0]
+    y = np.stack([(x[:, 0] + rng.normal(size=80) > 0), (x[:, 1] > 5.5), np.zeros(80, bool)], axis=1).astype(int)
+    test_x = rng.normal(size=(9, 5))
+    scores, _ = linear_probe.fit_predict(x, y, test_x, num_classes=3, c=0.5, standardize=True)
+    mean, std = x.mean(axis=0), x.std(axis=0)  # population std, as StandardScaler
+    for k in (0, 1):
+        w, b = _minimise_logistic((x - mean) / std, y[:, k], np.ones(80), 0.5, softmax=False)
+        want = 1 / (1 + np.exp(-(((test_x - mean) / std) @ w + b)[:, 0]))
+        np.testing.assert_allclose(scores[:, k], want, atol=2e-3)
+    # A finding without a positive in train is scored by that constant.
+    np.testing.assert_array_equal(scores[:, 2], 0.0)
 
 
 def test_every_adapter_separates_separable_features():
@@ -159,7 +204,7 @@ def test_every_adapter_separates_separable_features():
     test_x, test_y, _ = _separable(5, noise_seed=6)  # the same classes, fresh examples
     scale = 20.0
     results = {
-        "linear_probe": adapters.linear_probe_probs(adapters.fit_linear_probe(x, y), test_x, 3),
+        "linear_probe": linear_probe.fit_predict(x, y, test_x, num_classes=3, balanced=True)[0],
         "clip_adapter": adapters.clip_adapter_probs(adapters.train_clip_adapter(x, y, protos, scale, epochs=5), test_x,
                                                     protos, scale),
         "tip_adapter": adapters.tip_adapter_probs(test_x, protos, x, adapters.one_hot(y, 3)),
@@ -207,7 +252,7 @@ def test_finetune_early_stopping_restores_the_best_epoch_on_a_copy():
     kwargs = dict(num_classes=2, batch_size=16, lr=3e-2, seed=0, eval_batch_size=32)
     out = finetune.finetune(_apply_features, variables, x[:64], y[:64], x[64:80], 1 - y[64:80], x[80:], epochs=12,
                             patience=3, **kwargs)
-    f1 = [h["val_f1"] for h in out.history]
+    f1 = [h["val_score"] for h in out.history]
     assert out.best_epoch == int(np.argmax(f1)) + 1 and len(f1) == out.best_epoch + 3 < 12
     # Re-running up to the best epoch gives the same weights and test predictions: the best were restored.
     upto = finetune.finetune(_apply_features, variables, x[:64], y[:64], x[64:80], 1 - y[64:80], x[80:],
@@ -217,6 +262,29 @@ def test_finetune_early_stopping_restores_the_best_epoch_on_a_copy():
     tuned = out.variables["params"]["tower"]["Dense_0"]["kernel"]
     assert np.abs(tuned - before["params"]["Dense_0"]["kernel"]).max() > 0
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, variables))
+
+
+def test_multilabel_finetune_trains_sigmoid_heads_to_the_last_epoch_on_a_copy():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(80, 8)).astype(np.float32)
+    y = np.stack([x[:, 0] > 0, x[:, 1] > 0.5, np.zeros(80, bool)], axis=1).astype(np.float32)
+    variables = _Tower().init(jax.random.PRNGKey(0), x[:2], train=False)
+    before = jax.tree.map(np.array, variables)
+    out = finetune.finetune(_apply_features, variables, x[:64], y[:64], x[:0], y[:0], x[64:], num_classes=3,
+                            epochs=6, batch_size=16, lr=3e-2, grad_clip=0.0, seed=0, eval_batch_size=32)
+    # No validation split: every epoch runs and the last one's weights are kept.
+    assert [h["epoch"] for h in out.history] == list(range(1, 7)) and out.best_epoch == 6
+    assert "val_score" not in out.history[0] and out.history[-1]["train_loss"] < out.history[0]["train_loss"]
+    # The test scores are the sigmoids of the kept head on the kept tower, recomputed here.
+    v = out.variables
+    feats = _Tower().apply({"params": v["params"]["tower"], "batch_stats": v["batch_stats"]}, x[64:], train=False)
+    logits = np.asarray(feats) @ v["params"]["head"]["w"] + v["params"]["head"]["b"]
+    np.testing.assert_allclose(out.test_probs, 1 / (1 + np.exp(-logits)), rtol=1e-5, atol=1e-6)
+    # The head of the finding without a positive started at its (clipped) prior and kept pushing down.
+    assert out.test_probs[:, 2].max() < 1e-3
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, variables))
+    with pytest.raises(ValueError, match=r"\[N, 3\] multi-hot labels"):
+        finetune.finetune(_apply_features, variables, x, y[:, :2], x[:0], y[:0, :2], x, num_classes=3)
 
 
 def test_finetune_needs_a_validation_split():
@@ -300,14 +368,16 @@ def test_report_plots_multilabel_auc_and_retrieval_recall(tmp_path):
 def test_split_settings_layering():
     task = suite.TaskData("t", "classification", None, int, ("a", "b"),
                           splits={"linear_probe": {"shots_train": 5, "folds": 3}})
-    s = suite.split_settings("linear_probe", task, shots_test="2")
+    probe, tip = suite.TransferLinearProbe, suite.TransferTipAdapter
+    s = suite.split_settings(probe.protocol, probe.default_splits, task, shots_test="2")
     assert s == [{"shots_train": "5", "shots_val": "0%", "shots_test": "2", "folds": 3, "balance": False}]
-    curve = suite.split_settings("tip_adapter", task, shots_train=["1", "4"])
+    curve = suite.split_settings(tip.protocol, tip.default_splits, task, shots_train=["1", "4"])
     assert [c["shots_train"] for c in curve] == ["1", "4"] and curve[0]["folds"] == 5
-    with pytest.raises(KeyError, match="unknown protocol 'lp'"):
-        suite.split_settings("lp", task)
-    with pytest.raises(ValueError, match=r"option 'tip_alpha=x'"):
-        suite.Options.parse(["tip_alpha=x"])
+    # An entry's settings are its type's; a misspelt one is an error naming the type's settings.
+    with pytest.raises(ValueError, match=r"evaluator 'transfer_tip_adapter' has no settings \['alfa'\]"):
+        common.evaluator("transfer_tip_adapter", alfa=2.0)
+    with pytest.raises(ValueError, match="unknown evaluator type 'lp'"):
+        common.evaluator("lp")
 
 
 def test_synthetic_tasks_and_protocol_defaults():
@@ -325,16 +395,17 @@ def test_synthetic_tasks_and_protocol_defaults():
         suite.check_external(internal, suite.load_task(config, "synthetic_dr_grade"))
     with pytest.raises(ValueError, match=r"external tests apply to classification tasks"):
         suite.check_external(internal, suite.load_task(config, "synthetic_findings"))
-    assert {p: suite.default_task(config, p) for p in ("tip_adapter", "multilabel", "retrieval", "segmentation")} == {
-        "tip_adapter": "synthetic_conditions", "multilabel": "synthetic_findings", "retrieval": "synthetic_reports",
-        "segmentation": "synthetic_lesions"}
+    types = ("transfer_tip_adapter", "multilabel_linear_probe", "transfer_retrieval", "transfer_segmentation")
+    assert [base.make(config, t).task_name() for t in types] == [
+        "synthetic_conditions", "synthetic_findings", "synthetic_reports", "synthetic_lesions"]
     grade = suite.load_task(config, "synthetic_dr_grade")
     record = grade.source.record(3)
     assert grade.label(record) == record["dr_grade"] and len(grade.classes) == 5
     # The shipped task file's defaults: KeepFIT's 5-shot adapters, FLAIR's zero-shot on everything.
     conditions = suite.load_task(config, "synthetic_conditions")
-    assert suite.split_settings("tip_adapter", conditions)[0]["shots_train"] == "5"
-    assert suite.split_settings("zero_shot", conditions)[0]["shots_test"] == "100%"
+    tip, zero = suite.TransferTipAdapter, suite.TransferZeroShot
+    assert suite.split_settings(tip.protocol, tip.default_splits, conditions)[0]["shots_train"] == "5"
+    assert suite.split_settings(zero.protocol, zero.default_splits, conditions)[0]["shots_test"] == "100%"
     with pytest.raises(KeyError, match="unknown task 'nope'"):
         suite.load_task(config, "nope")
 
@@ -342,14 +413,16 @@ def test_synthetic_tasks_and_protocol_defaults():
 # test_train's 32 px TINY run, 4 steps with one checkpoint (the compiled train step is test_train's, so a
 # session that ran it reuses the compilation), with held-out sets small enough for a CPU: 96
 # single-condition images for the classification protocols, 32 + 32 for the multi-label heads.
-HELDOUT = {"eval.zero_shot.size": 96, "eval.linear_probe.train_size": 32, "eval.linear_probe.test_size": 32,
-           "eval.linear_probe.steps": 20, "eval.finetune.steps": 2, "eval.finetune.batch_size": 8}
+HELDOUT = {"heldout.conditions.size": 96, "heldout.findings.train_size": 32, "heldout.findings.test_size": 32,
+           "evals.multilabel_finetune.epochs": 1, "evals.multilabel_finetune.batch_size": 8}
 RUN = {"train.epochs": 1.0, "train.checkpoint_every": 100}
 
 
-def bound(trainer, state):
-    """(config, encoder bound to `state`): what the transfer suite takes instead of the trainer."""
-    return trainer.config, trainer.encoder.at(state.params, state.batch_stats)
+def run_eval(trainer, encoder, type_, out_dir, data_root=None, **settings) -> dict:
+    """The whole result of evaluator `type_` (its default settings, `settings` overridden) on the model
+    bound to `encoder`; evaluators given the same bound encoder share its task features."""
+    evaluator = base.make(trainer.config, type_, out_dir=str(out_dir), data_root=data_root, **settings)
+    return evaluator.run(encoder)[1]["result"]
 
 
 @pytest.fixture(scope="module")
@@ -364,8 +437,9 @@ def trained(tmp_path_factory):
 def test_zero_shot_protocol_equals_the_trainers_evaluation(trained, tmp_path):
     trainer, result, _ = trained
     state = trainer.state
-    task = suite.load_task(trainer.config, trainer.config.eval.zero_shot.name)
-    out = suite.run_protocol(*bound(trainer, state), "zero_shot", task, str(tmp_path))
+    encoder = trainer.encoder.at(state.params, state.batch_stats)
+    out = run_eval(trainer, encoder, "transfer_zero_shot", tmp_path)
+    assert out["task"] == trainer.config.heldout.conditions.name
     assert out["settings"][0]["folds"][0]["num_test"] == 96
     for key in ("aca", "kappa", "f1", "auc"):
         assert out["settings"][0]["mean"][key] == pytest.approx(result[key], abs=1e-6)
@@ -395,19 +469,21 @@ def test_a_users_task_file_runs_on_real_photographs(trained, tmp_path):
         "splits": {"linear_probe": {"shots_train": 2, "shots_test": 2, "folds": 2}}}))
     task = suite.load_task(trainer.config, str(task_file), str(tmp_path))
     assert task.classes == tuple(classes.values()) and len(task.source) == 12
-    features = suite.TaskFeatures(*bound(trainer, trainer.state), task)
-    probe = suite.run_protocol(*bound(trainer, trainer.state), "linear_probe", task, str(tmp_path / "out"), features=features)
+    encoder = trainer.encoder.at(trainer.state.params, trainer.state.batch_stats)
+    on_photos = dict(out_dir=tmp_path / "out", data_root=str(tmp_path), task=str(task_file))
+    probe = run_eval(trainer, encoder, "transfer_linear_probe", **on_photos)
     assert [f["num_train"] for f in probe["settings"][0]["folds"]] == [6, 6]
-    assert os.path.isfile(tmp_path / "out" / "photos" / "linear_probe.md")
-    zero = suite.run_protocol(*bound(trainer, trainer.state), "zero_shot", task, str(tmp_path / "out"), features=features)
+    assert os.path.isfile(tmp_path / "out" / "photos" / "transfer_linear_probe.md")
+    zero = run_eval(trainer, encoder, "transfer_zero_shot", **on_photos)
     assert zero["settings"][0]["folds"][0]["num_test"] == 12
+    # The two evaluators shared one view of the task (the bound encoder's cache).
+    [features] = [v for k, v in encoder.cache.items() if k[:2] == ("task", str(task_file))]
     # FLAIR's quirk switch `tip_test_augment`: Tip-Adapter scores the test images' augmented features
     # (on, the default) or their plain ones (off).
     split = splits.Split(seed=0, train=np.arange(6), val=np.zeros((0,), np.int64), test=np.arange(6, 12))
     values = adapters.one_hot(features.labels[:6], len(task.classes))
-    run = suite.get_protocol("tip_adapter").run
     for augment, test_features in ((True, features.zimg_augmented), (False, features.zimg)):
-        probs, _ = run(features, split, suite.Options(tip_test_augment=augment))
+        probs, _ = base.make(trainer.config, "transfer_tip_adapter", test_augment=augment).fit_predict(features, split)
         # Tip-Adapter's formula in NumPy (FLAIR's alpha 1, beta 5): keys are the train images' plain features.
         x = np.asarray(test_features[6:], np.float64)
         logits = 100 * x @ features.prototypes.T + np.exp(-5.0 * (1 - x @ features.zimg[:6].T)) @ values
@@ -430,30 +506,28 @@ def test_a_users_task_file_runs_on_real_photographs(trained, tmp_path):
     external_file.write_text(json.dumps({"name": "flipped", "source": "test", "kind": "classification",
                                          "dataframe": "flipped.csv", "classes": list(classes.values()),
                                          "descriptions": {}, "splits": {}}))
-    external = suite.TaskFeatures(*bound(trainer, trainer.state), suite.load_task(trainer.config, str(external_file),
-                                                                          str(tmp_path)))
-    out = suite.run_protocol(*bound(trainer, trainer.state), "linear_probe", task, str(tmp_path / "out"), features=features,
-                             externals=[external])
+    external = suite.TaskFeatures(trainer.config, encoder, suite.load_task(trainer.config, str(external_file),
+                                                                           str(tmp_path)))
+    out = run_eval(trainer, encoder, "transfer_linear_probe", **on_photos, test_task=str(external_file))
     setting = out["settings"][0]
     assert [f["num_test"] for f in setting["folds"]] == [6, 6]  # the internal test split is unchanged
     flipped = setting["external"]["flipped"]
     for k, fold in enumerate(flipped["folds"]):
         split = splits.fold_splits(features.labels, 2, "2", "2")[k]
-        clf = adapters.fit_linear_probe(features.features[split.train], features.labels[split.train])
-        want = classification_metrics(external.labels,
-                                      adapters.linear_probe_probs(clf, external.features, len(task.classes)))
+        # FLAIR's probe, straight from scikit-learn.
+        clf = LogisticRegression(C=0.316, class_weight="balanced", max_iter=1000).fit(
+            features.features[split.train], features.labels[split.train])
+        want = classification_metrics(external.labels, clf.predict_proba(external.features))
         assert fold["num_test"] == 3 and fold["num_train"] == 6
         assert all(fold[m] == pytest.approx(want[m]) for m in ("aca", "kappa", "f1", "auc"))
     assert flipped["mean"]["aca"] == pytest.approx(np.mean([f["aca"] for f in flipped["folds"]]))
-    markdown = open(tmp_path / "out" / "photos" / "linear_probe.md").read()
+    markdown = open(tmp_path / "out" / "photos" / "transfer_linear_probe.md").read()
     assert "## External test flipped" in markdown
     # Only the external rows: an empty internal test split is then allowed.
-    only = suite.run_protocol(*bound(trainer, trainer.state), "zero_shot", task, str(tmp_path / "out"), features=features,
-                              shots_test="0", externals=[external])
+    only = run_eval(trainer, encoder, "transfer_zero_shot", **on_photos, shots_test="0", test_task=str(external_file))
     assert only["settings"][0]["folds"] == [] and only["settings"][0]["external"]["flipped"]["folds"][0]["num_test"] == 3
     with pytest.raises(ValueError, match="empty test split"):
-        suite.run_protocol(*bound(trainer, trainer.state), "zero_shot", task, str(tmp_path / "out"), features=features,
-                           shots_test="0")
+        run_eval(trainer, encoder, "transfer_zero_shot", **on_photos, shots_test="0")
 
     # name_prompt false (FLAIR's MMAC grades): the class names are no prompt, only the descriptions.
     descriptions = {c: [f"a fundus photograph with {c} signs"] for c in classes.values()}
@@ -464,59 +538,80 @@ def test_a_users_task_file_runs_on_real_photographs(trained, tmp_path):
             "splits": {}}))
         prompted = suite.load_task(trainer.config, str(task_file), str(tmp_path))
         assert prompted.name_prompt is name_prompt
-        got = suite.TaskFeatures(*bound(trainer, trainer.state), prompted).prototypes
-        templates = trainer.config.eval.zero_shot.templates
+        got = suite.TaskFeatures(trainer.config, encoder, prompted).prototypes
+        templates = trainer.config.prompts.templates
         texts = [([c] if name_prompt else []) + descriptions[c] for c in classes.values()]
         want = np.stack([features.text_embeddings([t.format(x) for t in templates for x in group]).mean(axis=0)
                          for group in texts])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_cli_runs_every_protocol_and_writes_its_report(trained, tmp_path):
-    _, _, workdir = trained
+def test_cli_runs_every_evaluator_and_writes_its_report(trained, tmp_path):
+    _, trained_result, workdir = trained
     out = str(tmp_path / "reports")
-    options = ["adapter_epochs=2", "finetune_epochs=2", "finetune_patience=1", "retrieval_size=24",
-               "segmentation_train_size=16", "segmentation_test_size=8", "segmentation_steps=3",
-               "segmentation_batch_size=8"]
+    # Every setting is a config field, set like any other; the shot shorthands set every entry that has them.
+    settings = {"evals.transfer_clip_adapter.epochs": 2, "evals.transfer_tip_adapter_f.epochs": 2,
+                "evals.transfer_finetune.epochs": 2, "evals.transfer_finetune.patience": 1,
+                "evals.transfer_retrieval.size": 24, "evals.transfer_segmentation.train_size": 16,
+                "evals.transfer_segmentation.test_size": 8, "evals.transfer_segmentation.steps": 3,
+                "evals.transfer_segmentation.batch_size": 8}
     cmd = [sys.executable, "-m", "retina_jax.evaluate", f"--config={DEMO}", f"--workdir={workdir}",
-           *cli_flags(**HELDOUT, **RUN), "--protocol=all", "--shots_train=2,4", "--shots_test=4", "--shots_val=2",
-           "--folds=2", "--test_task=synthetic_conditions_external", f"--out={out}", *[f"--option={o}" for o in options]]
+           *cli_flags(**HELDOUT, **RUN, **settings), "--eval=all", "--shots_train=2,4", "--shots_test=4",
+           "--shots_val=2", "--folds=2", "--test_task=synthetic_conditions_external", f"--out={out}"]
     # The subprocess shares this session's compilation cache: its Trainer's jits are the fixture's.
     env = {**subprocess_env(), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert sorted(summary) == sorted(suite.PROTOCOLS)
-    for protocol, entry in summary.items():
-        folder = os.path.join(out, entry["task"])
-        result = json.load(open(os.path.join(folder, f"{protocol}.json")))
-        markdown = open(os.path.join(folder, f"{protocol}.md")).read()
-        assert result["protocol"] == protocol and markdown.startswith(f"# {protocol}")
+    # 'all': every entry that applies to a FLAIR run (not KeepFIT V2's captions or masked LM).
+    assert sorted(summary) == sorted(["zero_shot", "multilabel_linear_probe", "multilabel_finetune",
+                                      *common.TRANSFER_PROTOCOLS])
+    # The held-out zero-shot evaluation of the checkpoint is the one training ran at its end.
+    assert summary["zero_shot"]["aca"] == pytest.approx(trained_result["aca"], abs=1e-9)
+    results = {}
+    for name, entry in summary.items():
+        if name == "zero_shot":
+            continue
+        folder = os.path.dirname(entry["report"])
+        result = results[name] = json.load(open(os.path.join(folder, f"{name}.json")))
+        markdown = open(entry["report"]).read()
+        assert result["protocol"] == name and markdown.startswith(f"# {name}")
         if result["kind"] == "classification":
             assert [s["shots_train"] for s in result["settings"]] == ["2", "4"]
             assert all(len(s["folds"]) == 2 and s["folds"][0]["num_test"] == 4 * 6 for s in result["settings"])
-            assert all(np.isfinite(s["mean"]["aca"]) for s in result["settings"])
+            # The printed figure of a setting is the mean of its folds'.
+            assert entry["shots_2/aca"] == pytest.approx(np.mean([f["aca"] for f in result["settings"][0]["folds"]]))
             # Every classification protocol also scored the external test task, all 96 rows per fold.
             external = [s["external"]["synthetic_conditions_external"] for s in result["settings"]]
             assert all(len(e["folds"]) == 2 and e["folds"][0]["num_test"] == 96 for e in external)
             assert "## External test synthetic_conditions_external" in markdown
-            assert "external/synthetic_conditions_external" in entry["settings"][0]
+            assert "shots_2/external/synthetic_conditions_external/aca" in entry
             for plot in ("confusion", "roc", "few_shot"):
-                assert os.path.isfile(os.path.join(folder, f"{protocol}_{plot}.png"))
-                assert f"]({protocol}_{plot}.png)" in markdown
-    for protocol, plot in (("multilabel", "per_class_auc"), ("retrieval", "recall")):
-        folder = os.path.join(out, summary[protocol]["task"])
-        assert os.path.isfile(os.path.join(folder, f"{protocol}_{plot}.png"))
-        assert f"]({protocol}_{plot}.png)" in open(os.path.join(folder, f"{protocol}.md")).read()
-    assert summary["multilabel"]["task"] == "synthetic_findings"
-    assert np.isfinite(summary["multilabel"]["metrics"]["linear_probe"]["macro_auc"])
-    assert summary["retrieval"]["metrics"]["recall"]["num_pairs"] == 24
-    # The summary's fine-tune figure is the mean of its folds' (each fold's own JSON entry).
-    finetune = json.load(open(os.path.join(out, summary["finetune"]["task"], "finetune.json")))
-    folds = finetune["settings"][0]["folds"]
-    assert summary["finetune"]["settings"][0]["aca"] == pytest.approx(np.mean([f["aca"] for f in folds]), abs=1e-9)
-    seg = summary["segmentation"]["metrics"]["segmentation"]
-    assert summary["segmentation"]["task"] == "synthetic_lesions" and seg["num_examples"] == 8
+                assert os.path.isfile(os.path.join(folder, f"{name}_{plot}.png"))
+                assert f"]({name}_{plot}.png)" in markdown
+    for name, plot in (("multilabel_linear_probe", "per_class_auc"), ("multilabel_finetune", "per_class_auc"),
+                       ("transfer_retrieval", "recall")):
+        assert f"]({name}_{plot}.png)" in open(summary[name]["report"]).read()
+        assert os.path.isfile(os.path.join(os.path.dirname(summary[name]["report"]), f"{name}_{plot}.png"))
+    probe = results["multilabel_linear_probe"]
+    assert probe["task"] == "synthetic_findings" and probe["split"] == {"num_train": 32, "num_test": 32}
+    assert summary["multilabel_linear_probe"]["macro_auc"] == probe["metrics"]["multilabel_linear_probe"]["macro_auc"]
+    assert summary["transfer_retrieval"]["num_pairs"] == 24
+    seg = summary["transfer_segmentation"]
+    assert results["transfer_segmentation"]["task"] == "synthetic_lesions" and seg["num_examples"] == 8
     per_class = [v for k, v in seg.items() if k.startswith("dice/")]
     assert "dice/optic_disc" in seg and seg["mean_dice"] == pytest.approx(np.nanmean(per_class), abs=1e-9)
+
+
+def test_cli_refuses_what_cannot_run(trained):
+    _, _, workdir = trained
+    base_cmd = [sys.executable, "-m", "retina_jax.evaluate", f"--config={DEMO}", f"--workdir={workdir}",
+                *cli_flags(**HELDOUT, **RUN)]
+    for args, message in ((["--eval=captions"], "config.evals.captions: needs the caption decoder"),
+                          (["--eval=nope"], "config.evals.nope: no such entry"),
+                          (["--shots_train=2"], "--shots_train sets a field of the entries named by --eval"),
+                          (["--eval=zero_shot", "--folds=2"], "--folds sets config.evals.<name>.folds, which none of")):
+        proc = subprocess.run(base_cmd + args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])

@@ -17,7 +17,7 @@ from retina_jax.models.two_tower import build_model
 from retina_jax.train import Trainer
 
 VILREF = os.path.join(REPO, "configs", "vilref.py")
-ZH_TEMPLATES = config_lib.load(VILREF).eval.zero_shot.templates
+ZH_TEMPLATES = config_lib.load(VILREF).prompts.templates
 
 # 32 px, batch 16, 12 steps, queue of 2 batches (so it wraps), checkpoints every 4.
 TINY_RUN = {
@@ -36,14 +36,13 @@ TINY_RUN = {
     "train.checkpoint_every": 4,
     "train.progress": False,
     "train.async_checkpoint": False,
-    "eval.batch_size": 32,
-    "eval.zero_shot.size": 48,
-    "eval.linear_probe.train_size": 64,
-    "eval.linear_probe.test_size": 48,
-    "eval.linear_probe.steps": 50,
-    "eval.finetune.enabled": True,
-    "eval.finetune.steps": 3,
-    "eval.finetune.batch_size": 16,
+    "heldout.batch_size": 32,
+    "heldout.conditions.size": 48,
+    "heldout.findings.train_size": 64,
+    "heldout.findings.test_size": 48,
+    "evals.multilabel_finetune.at_end": True,
+    "evals.multilabel_finetune.epochs": 1,
+    "evals.multilabel_finetune.batch_size": 16,
 }
 
 # Stage `vilref` from scratch (the demo starts from stage `clip`'s workdir), with the paper's
@@ -285,7 +284,7 @@ def test_wscl_with_online_keys_and_no_momentum_model_or_queue_trains(tmp_path):
     """The ablation's middle setting: WSCL with online keys, no EMA tree and no queue in the state
     (benchmarks/vilref_ablation.py also runs CLIP on the same reports)."""
     config = tiny_vilref(**{"momentum.enabled": False, "momentum.key_features": "online", "momentum.queue_size": 0,
-                            "train.epochs": 0.5, "optim.schedule_epochs": 0.5, "eval.at_end": False})
+                            "train.epochs": 0.5, "optim.schedule_epochs": 0.5, "train.eval_at_end": False})
     trainer = Trainer(config, str(tmp_path / "wscl_online"))
     trainer.train()
     assert trainer.state.ema_params == {} and trainer.state.queues == {}
@@ -392,7 +391,7 @@ def test_momentum_schedule_sets_the_decay_of_each_step(vilref_run, schedule, tmp
 def late_queue_run(tmp_path_factory):
     """TINY with the queue starting at step 5 of 12 (0-based), the cosine momentum schedule and
     the logit_scale reset on: the uninterrupted reference of the queue-start tests."""
-    config = tiny_vilref(**{"momentum.queue_start_step": 5, "momentum.schedule": "cosine", "eval.at_end": False})
+    config = tiny_vilref(**{"momentum.queue_start_step": 5, "momentum.schedule": "cosine", "train.eval_at_end": False})
     trainer = Trainer(config, str(tmp_path_factory.mktemp("late_queue")))
     trainer.train()
     return trainer
@@ -436,7 +435,7 @@ def test_crashed_run_resumes_bit_identically_across_the_queue_start(late_queue_r
     """Crash at step 6, resume from the checkpoint of step 4 (before the queue's start at 5), with
     `model.logit_scale_reset` on as configs/vilref.py: the reset belongs to a run's start, so the
     resumed run ends with the uninterrupted run's exact EMA, queues, pointer and data position."""
-    config = tiny_vilref(**{"momentum.queue_start_step": 5, "momentum.schedule": "cosine", "eval.at_end": False})
+    config = tiny_vilref(**{"momentum.queue_start_step": 5, "momentum.schedule": "cosine", "train.eval_at_end": False})
     assert config.model.logit_scale_reset
     resumed = crash_and_resume(config, str(tmp_path / "crashed"), crash_at=6, last_checkpoint=4)
     for field in ("params", "ema_params", "queues", "opt_state", "batch_stats"):
@@ -496,7 +495,7 @@ def test_stage_vilref_starts_from_stage_clip(learning_runs, tmp_path):
 # 64-image TINY_RUN never leaves it).
 LEARN = {**TINY_RUN, "data.batch_size": 32, "data.synthetic.size": 256, "data.reports.coverage_size": 256,
          "text.vocab_corpus_size": 200, "text.max_len": 100, "train.log_every": 8, "train.checkpoint_every": 1000,
-         "eval.at_end": False}
+         "train.eval_at_end": False}
 LEARN_QUEUE = {"momentum.queue_size": 64}  # 2 batches: the 0.25 of 256 queue_max_fraction allows
 
 

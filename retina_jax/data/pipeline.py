@@ -85,13 +85,13 @@ def expert_source(config, seed: int | None = None, size: int | None = None) -> S
 
 
 def caption_source(config) -> SyntheticFundus:
-    """KeepFIT V2's held-out caption split: the expert set's kind of data from `eval.captions.seed`."""
-    return expert_source(config, seed=config.eval.captions.seed, size=config.eval.captions.size)
+    """KeepFIT V2's held-out caption split: the expert set's kind of data from `heldout.captions.seed`."""
+    return expert_source(config, seed=config.heldout.captions.seed, size=config.heldout.captions.size)
 
 
 def heldout_source(config) -> SyntheticFundus:
     """The held-out zero-shot task: one condition per image, seeds never used for training."""
-    z = config.eval.zero_shot
+    z = config.heldout.conditions
     return _synthetic(config, CorpusSpec(
         seed=z.seed, size=z.size, image_size=config.data.synthetic.image_size, conditions=tuple(z.classes),
         comorbidity_prob=0.0, attribute_prob=0.0, expert_fraction=0.0, difficulty=z.difficulty,
@@ -104,12 +104,12 @@ def vocabulary_texts(config) -> list[str]:
     modalities = MODALITY_NAMES if "{modality}" in config.data.prompt_template else ("CFP",)
     texts = [make_prompt(config.data.prompt_template, atr, "", modality)
              for atr in ("",) + knowledge.ATTRIBUTES for modality in modalities]
-    texts += [t.format("") for t in config.eval.zero_shot.templates]
+    texts += [t.format("") for t in config.prompts.templates]
     for name, descriptions in knowledge.CATEGORY_DESCRIPTIONS.items():
         texts.append(name)
         texts.extend(descriptions)
     chinese = config.data.stream == "reports" and config.data.reports.language == "zh"
-    if chinese or config.eval.zero_shot.language == "zh":
+    if chinese or config.prompts.language == "zh":
         texts += [d for descriptions in knowledge.CATEGORY_DESCRIPTIONS_ZH.values() for d in descriptions]
     source = synthetic_source(config)
     for i in range(min(config.text.vocab_corpus_size, len(source))):
@@ -449,7 +449,7 @@ def mlm_dataset(config, tokenizer_path: str) -> grain.IterDataset:
 
 
 def mlm_heldout_batches(config, tokenizer_path: str, batch_size: int):
-    """Yield this process's held-out masked batches (fixed masks: seed `eval.zero_shot.seed`), the
+    """Yield this process's held-out masked batches (fixed masks: seed `heldout.conditions.seed`), the
     last one zero-padded; padded rows have all-zero `mlm_weights`, so they add nothing."""
     texts = mlm_split(config, "heldout")
     mask = WholeWordMask(tokenizer_path, config.text.max_len, config.mlm.mask_prob)
@@ -457,7 +457,7 @@ def mlm_heldout_batches(config, tokenizer_path: str, batch_size: int):
     local = local_batch_size(batch_size)
     pad = {k: np.zeros_like(v) for k, v in mask(texts[0], np.random.default_rng(0)).items()}
     for b in range(-(-len(texts) // batch_size)):
-        rows = [mask(texts[int(i)], np.random.default_rng([config.eval.zero_shot.seed, int(i)]))
+        rows = [mask(texts[int(i)], np.random.default_rng([config.heldout.conditions.seed, int(i)]))
                 for i in indices[b * local:(b + 1) * local]]
         rows += [pad] * (local - len(rows))
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
@@ -471,9 +471,9 @@ def make_global(batch: dict, sharding) -> dict:
 
 def multilabel_source(config, split: str) -> SyntheticFundus:
     """Held-out images with their ground-truth finding labels for ViLReF's multi-label transfer:
-    split 'train' (seed `eval.linear_probe.seed`) trains the head, 'test' (the next seed) tests it."""
-    lp = config.eval.linear_probe
-    seed, size = {"train": (lp.seed, lp.train_size), "test": (lp.seed + 1, lp.test_size)}[split]
+    split 'train' (seed `heldout.findings.seed`) trains the head, 'test' (the next seed) tests it."""
+    f = config.heldout.findings
+    seed, size = {"train": (f.seed, f.train_size), "test": (f.seed + 1, f.test_size)}[split]
     return _synthetic(config, CorpusSpec(
         seed=seed, size=size, image_size=config.data.synthetic.image_size,
         comorbidity_prob=config.data.synthetic.comorbidity_prob, expert_fraction=0.0,
@@ -489,7 +489,7 @@ def heldout_batches(config, batch_size: int, source: SyntheticFundus | None = No
     """
     if source is None:
         source = heldout_source(config)
-        classes = list(config.eval.zero_shot.classes)
+        classes = list(config.heldout.conditions.classes)
         label = lambda example: classes.index(example["conditions"][0])  # noqa: E731
     indices = np.arange(len(source))[jax.process_index()::jax.process_count()]
     local = local_batch_size(batch_size)

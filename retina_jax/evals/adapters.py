@@ -1,13 +1,11 @@
-"""FLAIR's few-shot adapters (docs/methods.md, "FLAIR", Transfer protocols): linear probe, CLIP-Adapter,
-Tip-Adapter and Tip-Adapter-F, as jusiro/FLAIR `flair/transferability/modeling/adapters.py`.
+"""FLAIR's few-shot vision-language adapters (docs/methods.md, "FLAIR", Transfer protocols):
+CLIP-Adapter, Tip-Adapter and Tip-Adapter-F, as jusiro/FLAIR
+`flair/transferability/modeling/adapters.py` (its linear probe is evals/linear_probe.py, shared with
+ViLReF's multi-label probe).
 
-Inputs are frozen features: the linear probe sees the raw pre-projection image features (FLAIR's
-README runs it with `--project_features False --norm_features False`), the vision-language adapters
-the L2-normalised image embeddings `zimg` and the zero-shot class prototypes (mean of normalised text
-embeddings, not re-normalised). Settings are the original's, including where they differ from the
-adapters' own papers:
-- Linear probe: sklearn `LogisticRegression(C=0.316, class_weight='balanced', max_iter=1000,
-  random_state=0)` (lbfgs, multinomial), no feature standardisation; probabilities are its softmax.
+Inputs are frozen features: the L2-normalised image embeddings `zimg` and the zero-shot class
+prototypes (mean of normalised text embeddings, not re-normalised). Settings are the original's,
+including where they differ from the adapters' own papers:
 - CLIP-Adapter: `x' = norm(0.2 * relu(W2 relu(W1 x)) + 0.8 x)`, D -> D/4 -> D without bias (torch's
   default uniform init), trained with CE on `s * x' @ proto.T` for 40 epochs at batch size 1 (the
   sample order shuffled once and reused every epoch), AdamW lr 1e-3 (eps 1e-4, torch's default weight
@@ -33,10 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from sklearn.linear_model import LogisticRegression
 
-LINEAR_PROBE_C = 0.316
-LINEAR_PROBE_MAX_ITER = 1000
 CLIP_ADAPTER_RATIO = 0.2
 CLIP_ADAPTER_REDUCTION = 4
 TIP_ALPHA = 1.0
@@ -46,25 +41,6 @@ ADAPTER_EPOCHS = 40
 ADAPTER_LR = 1e-3
 ADAPTER_EPS = 1e-4  # both originals pass eps=1e-4 to AdamW
 ADAPTER_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default: neither original sets it
-
-
-# ----------------------------------------------------------------------------------- linear probe
-def fit_linear_probe(features, labels, *, c: float = LINEAR_PROBE_C,
-                     max_iter: int = LINEAR_PROBE_MAX_ITER) -> LogisticRegression:
-    """FLAIR's `LinearProbe.train` on raw features [N, F] and class ids [N]."""
-    features, labels = np.asarray(features, np.float64), np.asarray(labels)
-    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
-        raise ValueError(f"features [N, F] and labels [N] expected, got {features.shape} and {labels.shape}")
-    if len(np.unique(labels)) < 2:
-        raise ValueError(f"the linear probe needs at least 2 classes in train, got {np.unique(labels).tolist()}")
-    return LogisticRegression(C=c, class_weight="balanced", max_iter=max_iter, random_state=0).fit(features, labels)
-
-
-def linear_probe_probs(classifier: LogisticRegression, features, num_classes: int) -> np.ndarray:
-    """[N, num_classes] probabilities; a class absent from train gets probability 0."""
-    probs = np.zeros((len(features), num_classes))
-    probs[:, classifier.classes_] = classifier.predict_proba(np.asarray(features, np.float64))
-    return probs
 
 
 # ------------------------------------------------------------------------------------ shared bits

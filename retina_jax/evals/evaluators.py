@@ -1,107 +1,73 @@
-"""The evaluations run during and after training, one class each (docs/architecture.md,
-"Evaluators"; big_vision's evaluator shape): built from the config, `run(encoder)` returns
-(metrics, report extras) using only the public `Encoder`.
+"""The in-training evaluations on the held-out corpora, one class each (docs/architecture.md,
+"Evaluators"): `run(encoder)` returns (metrics, report extras) using only the public `Encoder`.
 
-- `ZeroShot`: the held-out synthetic conditions task, prompts from the class names and their
-  descriptions (FLAIR section 3.3; ViLReF's Chinese templates with `language='zh'`).
-- `MultilabelProbe` / `MultilabelFinetune`: ViLReF's multi-label transfer (ViLReF section 4.2), a
-  sigmoid head on the pre-projection image feature, frozen or trained with the tower (on a copy).
-- `Captions`: KeepFIT V2's generated captions of held-out expert images, BLEU/ROUGE-L/CIDEr.
-- `HeldoutMLM`: KeepFIT V2 stage `text`'s masked-token loss and accuracy on held-out texts.
+- `ZeroShot` (type `zero_shot`): the held-out synthetic conditions task, prompts from the class
+  names and their descriptions (FLAIR section 3.3; ViLReF's Chinese templates with
+  `prompts.language='zh'`); it reports under the task's name (`heldout.conditions.name`).
+- `Captions` (`captions`): KeepFIT V2's generated captions of held-out expert images, BLEU/ROUGE-L/CIDEr.
+- `HeldoutMLM` (`mlm_heldout`): KeepFIT V2 stage `text`'s masked-token loss and accuracy on held-out texts.
+
+ViLReF's multi-label probe and fine-tune, and FLAIR's transfer protocols, are the task-based
+evaluators of evals/suite.py.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from retina_jax import losses
 from retina_jax.data import pipeline
 from retina_jax.evals import captions as caption_metrics
 from retina_jax.evals import metrics as eval_metrics
-from retina_jax.evals import multilabel, zeroshot
+from retina_jax.evals import zeroshot
+from retina_jax.evals.base import Evaluator, register
 from retina_jax.models import caption_decoder
 
 
-class Evaluator:
-    name: str  # the report's name: eval/<name>/<metric>, eval_<name>.json
-    prefix: str = ""  # of its metrics in the dict `Trainer.evaluate` returns
-
-    def __init__(self, config):
-        self.config = config
-
-    def run(self, encoder) -> tuple[dict, dict]:
-        raise NotImplementedError
+def _needs_images(config, name: str) -> list[str]:
+    return [f"config.evals.{name}: stage `text` trains the text tower alone; there is no image tower to evaluate"] \
+        if config.mlm.enabled else []
 
 
+@register
 class ZeroShot(Evaluator):
-    def __init__(self, config):
-        super().__init__(config)
-        self.name = config.eval.zero_shot.name
+    type, prefix = "zero_shot", ""
+
+    @property
+    def report_name(self) -> str:
+        return self.config.heldout.conditions.name
+
+    @classmethod
+    def check(cls, config, name, settings):
+        return _needs_images(config, name)
 
     def run(self, encoder):
-        z = self.config.eval.zero_shot
-        protos = zeroshot.class_prototypes(encoder.embed_texts, encoder.tokenize, list(z.classes), z.templates,
-                                           language=z.language)
-        embeddings, labels = encoder.embed_images(pipeline.heldout_batches(self.config, self.config.eval.batch_size))
+        z, p = self.config.heldout.conditions, self.config.prompts
+        protos = zeroshot.class_prototypes(encoder.embed_texts, encoder.tokenize, list(z.classes), p.templates,
+                                           language=p.language)
+        embeddings, labels = encoder.embed_images(pipeline.heldout_batches(self.config, self.config.heldout.batch_size))
         result = eval_metrics.classification_metrics(labels, zeroshot.zero_shot_probs(embeddings, protos,
                                                                                       encoder.logit_scale))
         result["num_examples"] = int(len(labels))
         result["num_classes"] = len(z.classes)
-        return result, {"classes": list(z.classes), "seed": z.seed, "language": z.language,
-                        "templates": list(z.templates)}
+        return result, {"classes": list(z.classes), "seed": z.seed, "language": p.language,
+                        "templates": list(p.templates)}
 
 
-def _multilabel_data(config, encoder, with_images: bool) -> dict:
-    """Pre-projection features and finding labels of the held-out multi-label splits (shared by the
-    probe and the fine-tune of one evaluation through `encoder.cache`), and the images themselves
-    when fine-tuning needs them."""
-    key = ("multilabel", with_images)
-    if key in encoder.cache:
-        return encoder.cache[key]
-    data = {}
-    for split in ("train", "test"):
-        batches = pipeline.heldout_batches(config, config.eval.batch_size, pipeline.multilabel_source(config, split),
-                                           lambda example: example["labels"])
-        if with_images:
-            batches = list(batches)
-            data[split + "_images"] = np.concatenate([b[0][b[2]] for b in batches])
-        data[split] = encoder.image_features(batches)
-    encoder.cache[key] = data
-    return data
-
-
-class MultilabelProbe(Evaluator):
-    name, prefix = "multilabel_linear_probe", "linear_probe/"
-
-    def run(self, encoder):
-        lp = self.config.eval.linear_probe
-        data = _multilabel_data(self.config, encoder, self.config.eval.finetune.enabled)
-        return multilabel.linear_probe(*data["train"], *data["test"], l2=lp.l2, steps=lp.steps, lr=lp.lr,
-                                       seed=self.config.seed), {}
-
-
-class MultilabelFinetune(Evaluator):
-    """The pretraining state is never touched: `multilabel.finetune` copies the tower's variables
-    before its donating step (the original fine-tunes the model in place)."""
-    name, prefix = "multilabel_finetune", "finetune/"
-
-    def run(self, encoder):
-        ft = self.config.eval.finetune
-        data = _multilabel_data(self.config, encoder, True)
-        return multilabel.finetune(
-            encoder.tower_features, encoder.image_tower(), data["train_images"], data["train"][1], data["test_images"],
-            data["test"][1], feature_dim=data["train"][0].shape[1], steps=ft.steps, batch_size=ft.batch_size,
-            lr=ft.lr, weight_decay=ft.weight_decay, seed=self.config.seed), {}
-
-
+@register
 class HeldoutMLM(Evaluator):
     """Masked-token loss and accuracy over the held-out texts (fixed masks), all tokens pooled."""
-    name, prefix = "mlm_heldout", "mlm/"
+    type, prefix = "mlm_heldout", "mlm/"
+
+    @classmethod
+    def check(cls, config, name, settings):
+        return [] if config.mlm.enabled else [
+            f"config.evals.{name}: the held-out masked-token accuracy needs the masked LM (mlm.enabled, KeepFIT V2 "
+            "stage `text`)"]
 
     def run(self, encoder):
         nll_sum = correct = count = 0.0
-        for batch in pipeline.mlm_heldout_batches(self.config, encoder.tokenize.path, self.config.eval.batch_size):
+        for batch in pipeline.mlm_heldout_batches(self.config, encoder.tokenize.path, self.config.heldout.batch_size):
             batch = pipeline.make_global(batch, encoder.batch_sharding)
             logits = encoder.mlm_logits(batch["input_ids"], batch["attention_mask"])
             loss, accuracy = losses.token_cross_entropy(logits, batch["mlm_labels"], batch["mlm_weights"])
@@ -111,13 +77,25 @@ class HeldoutMLM(Evaluator):
                  "num_masked_tokens": int(count)}, {"heldout_texts": self.config.mlm.heldout_size})
 
 
+@register
 class Captions(Evaluator):
-    """Captions of held-out expert images (greedy, or beam search with `eval.captions.beam_size` > 1)
-    scored against the corpus captions."""
-    name, prefix = "captions", "captions/"
+    """Captions of held-out expert images (greedy, or beam search with `beam_size` > 1) scored against
+    the corpus captions."""
+    type, prefix = "captions", "captions/"
+
+    @classmethod
+    def check(cls, config, name, settings):
+        where, errors = f"config.evals.{name}", []
+        if not config.model.decoder.enabled:
+            errors.append(f"{where}: needs the caption decoder (model.decoder.enabled=True)")
+        if settings.beam_size < 1:
+            errors.append(f"{where}.beam_size: {settings.beam_size} must be >= 1 (1 = greedy)")
+        if not 2 <= settings.max_len <= config.text.max_len:
+            errors.append(f"{where}.max_len: {settings.max_len} must be in [2, text.max_len={config.text.max_len}]")
+        return errors
 
     def run(self, encoder):
-        c, batch_size = self.config.eval.captions, self.config.eval.batch_size
+        c, batch_size = self.settings, self.config.heldout.batch_size
         source = pipeline.caption_source(self.config)
         memory, indices = encoder.image_tokens(pipeline.heldout_batches(self.config, batch_size, source,
                                                                         lambda example: example["index"]))
@@ -142,18 +120,3 @@ class Captions(Evaluator):
         examples = [{"index": int(i), "generated": h, "reference": r}
                     for i, h, r in list(zip(indices, hypotheses, references))[:12]]
         return result, {"beam_size": c.beam_size, "examples": examples}
-
-
-def build(config) -> list[Evaluator]:
-    """The evaluators `config.eval` turns on, in the order they run."""
-    e = config.eval
-    if config.mlm.enabled:
-        return [HeldoutMLM(config)]
-    out = [ZeroShot(config)]
-    if e.linear_probe.enabled:
-        out.append(MultilabelProbe(config))
-    if e.finetune.enabled:
-        out.append(MultilabelFinetune(config))
-    if e.captions.enabled:
-        out.append(Captions(config))
-    return out

@@ -269,7 +269,7 @@ def synthetic_segmentation_data(config_or_spec, split: str, size: int, image_siz
     [size, image_size, image_size, len(MASK_CLASSES)], nearest-neighbour resized) of a held-out corpus.
 
     A config: the multi-label transfer's held-out corpus (`pipeline.multilabel_source`: seed
-    `eval.linear_probe.seed` for 'train', the next for 'test', never a training seed, which `validate`
+    `heldout.findings.seed` for 'train', the next for 'test', never a training seed, which `validate`
     checks), its first `size` examples, preprocessed with `data.preprocess`. A CorpusSpec: that corpus
     with seed `spec.seed` for 'train' and `spec.seed + 1` for 'test', preprocessed with `preprocess`
     ('flair' unless given). Only colour photographs carry masks, so the corpus is drawn CFP-only.

@@ -208,7 +208,7 @@ def _synthetic_tasks() -> dict[str, dict]:
     return {t['name']: t for t in (
         task('synthetic_conditions', conditions, 'classification',
              {c: knowledge.CATEGORY_DESCRIPTIONS_ZH[c] for c in conditions}, protocols,
-             'configs/common.py eval.zero_shot; retina_jax/data/pipeline.py heldout_source',
+             'configs/common.py heldout.conditions; retina_jax/data/pipeline.py heldout_source',
              'The trainer\'s held-out zero-shot task: one condition per image, from seeds training never uses.'),
         task('synthetic_dr_grade', knowledge.DR_GRADE_CATEGORIES, 'classification',
              {c: (zh,) for c, zh in zip(knowledge.DR_GRADE_CATEGORIES, knowledge.DR_GRADE_NAMES_ZH)}, protocols,
@@ -218,7 +218,7 @@ def _synthetic_tasks() -> dict[str, dict]:
              {'normal': knowledge.CATEGORY_DESCRIPTIONS_ZH['normal'], **findings_zh}, {},
              'retina_jax/data/knowledge.py FINDINGS; retina_jax/data/pipeline.py multilabel_source',
              'Multi-hot findings of held-out synthetic images (record["labels"]); the train/test corpora and their '
-             'sizes come from config eval.linear_probe.'),
+             'sizes come from config heldout.findings.'),
     )}
 
 

@@ -37,7 +37,7 @@ class KeepFIT(Flair):
                           f"multiple of the {batch_shards} data x fsdp devices")
         if e.size < e.batch_size:
             errors.append(f"config.data.expert.size: {e.size} examples cannot fill one expert batch of {e.batch_size}")
-        if e.seed in (config.data.synthetic.seed, config.eval.zero_shot.seed):
+        if e.seed in (config.data.synthetic.seed, config.heldout.conditions.seed):
             errors.append(f"config.data.expert.seed: {e.seed} must differ from the public corpus and held-out seeds")
         if config.data.stream != "flair" or config.loss.name != "flair":
             errors.append("config.data.expert.enabled: KeepFIT's expert stream goes with the FLAIR public stream and "
