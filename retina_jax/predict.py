@@ -22,12 +22,14 @@ import sys
 
 import jax
 import numpy as np
+from jax.sharding import AxisType
 from PIL import Image, UnidentifiedImageError
 
-from retina_jax import checkpointing, losses
+from retina_jax import checkpointing, sharding
 from retina_jax.config import converted_overrides, flatten, override
 from retina_jax.data import transforms
 from retina_jax.data.tokenizer import Tokenize
+from retina_jax.encoder import Encoder
 from retina_jax.evals import zeroshot
 from retina_jax.models.two_tower import build_model
 
@@ -70,10 +72,10 @@ def checkpoint_config(checkpoint: str, tokenizer: str | None = None):
 
 @dataclasses.dataclass
 class Predictor:
+    """A checkpoint's config and its model as the public `Encoder` (encoder.py) on one device: the
+    same embeddings and temperature the evaluators use."""
     config: object
-    model: object
-    variables: dict
-    tokenize: Tokenize
+    encoder: Encoder
 
     @classmethod
     def load(cls, checkpoint: str, tokenizer: str | None = None) -> "Predictor":
@@ -92,17 +94,26 @@ class Predictor:
         if missing:
             raise ValueError(f"{checkpoint} holds no {missing}: zero-shot prediction needs both towers, their "
                              "projections and logit_scale (a towers-only conversion trains on, it cannot predict)")
-        return cls(config, model, {"params": params, "batch_stats": batch_stats}, tokenize)
+        mesh = jax.make_mesh((1, 1), sharding.BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                             devices=jax.devices()[:1])
+        return cls(config, Encoder(model, tokenize, mesh).at(params, batch_stats, checkpoint=checkpoint))
 
-    def __post_init__(self):
-        self._encode_image = jax.jit(lambda v, x: self.model.apply(v, x, method="encode_image"))
-        self._encode_text = jax.jit(lambda v, ids, mask: self.model.apply(v, ids, mask, method="encode_text"))
+    @property
+    def model(self):
+        return self.encoder.model
+
+    @property
+    def variables(self) -> dict:
+        return self.encoder.variables
+
+    @property
+    def tokenize(self) -> Tokenize:
+        return self.encoder.tokenize
 
     @property
     def scale(self) -> float:
         """exp of the clamped logit_scale, as every method uses it."""
-        return float(np.exp(np.clip(np.asarray(self.variables["params"]["logit_scale"]), 0.0,
-                                    losses.LOGIT_SCALE_MAX)))
+        return self.encoder.logit_scale
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return transforms.preprocess(image, self.config.data.image_size, self.config.data.preprocess)
@@ -112,12 +123,12 @@ class Predictor:
         out = []
         for i in range(0, len(images), batch_size):
             batch = np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-            out.append(np.asarray(self._encode_image(self.variables, batch)))
+            out.append(self.encoder.embed_images([(batch, np.zeros(len(batch), np.int32), np.ones(len(batch), bool))])[0])
         return np.concatenate(out)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         ids, mask = self.tokenize(texts)
-        return np.asarray(self._encode_text(self.variables, ids, mask))
+        return np.asarray(self.encoder.embed_texts(ids, mask))
 
     def prototypes(self, classes, templates=None, use_descriptions: bool = True, language: str | None = None
                    ) -> np.ndarray:
@@ -125,7 +136,7 @@ class Predictor:
         (`prompts.templates` / `prompts.language`: Chinese for ViLReF)."""
         z = self.config.prompts
         descriptions = None if use_descriptions else {}
-        return zeroshot.class_prototypes(lambda ids, mask: self._encode_text(self.variables, ids, mask), self.tokenize,
+        return zeroshot.class_prototypes(self.encoder.embed_texts, self.tokenize,
                                          classes, tuple(templates or z.templates), descriptions,
                                          require_descriptions=False, language=language or z.language)
 

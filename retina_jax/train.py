@@ -184,8 +184,7 @@ class Trainer:
                     logging.warning("stopped by signal %s at step %d; checkpoint saved",
                                     self._stop_signal or "SIGTERM on another process", done)
                     return {}
-                due = [e for e in self.evaluators if e.settings.every_steps and done % e.settings.every_steps == 0]
-                if due and done != self.total_steps:
+                if done != self.total_steps and (due := self._due(done)):
                     with throughput.outside():
                         self.evaluate(state, step=done, evaluators=due)
             save(self.total_steps, force=True)
@@ -196,7 +195,12 @@ class Trainer:
                 progress.close()
             mngr.close()
         self.state = state
-        return self.evaluate(state, step=self.total_steps) if config.train.eval_at_end else {}
+        return self.evaluate(state, self.total_steps, self._due(self.total_steps)) if config.train.eval_at_end else {}
+
+    def _due(self, step: int) -> list:
+        """The evaluators due after `step`: every_steps divides it, or the last step and at_end."""
+        return [e for e in self.evaluators if (e.settings.every_steps and step % e.settings.every_steps == 0)
+                or (step == self.total_steps and e.settings.at_end)]
 
     def _log(self, done: int, metrics: dict, throughput: Throughput, progress):
         check_finite(done, metrics)

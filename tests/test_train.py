@@ -462,7 +462,8 @@ def test_predict_on_a_training_run_and_real_photographs(uninterrupted, tmp_path)
         canvas = np.zeros((size, size, 3), np.float32)
         canvas[:im.shape[0], :im.shape[1]] = im
         pixels.append(canvas)
-    zimg = np.asarray(predictor._encode_image(predictor.variables, np.stack(pixels)), np.float64)
+    zimg = np.asarray(predictor.encoder.embed_images([(np.stack(pixels), np.zeros(len(pixels)), np.ones(len(pixels), bool))])[0],
+                      np.float64)
     logits = predictor.scale * zimg @ predictor.prototypes(classes.split(",")).astype(np.float64).T
     want = np.exp(logits - logits.max(1, keepdims=True))
     want /= want.sum(1, keepdims=True)
