@@ -39,7 +39,7 @@ EVALUATORS = {
     # ViLReF's multi-label transfer: the one linear probe (C = 1 / (2 N l2): 0.5 is the former l2 1e-3
     # at 1,000 training images) and the one fine-tune, in training or on demand.
     "multilabel_linear_probe": dict(task="", c=0.5, max_iter=1000),
-    "multilabel_finetune": dict(task="", epochs=3, batch_size=32, lr=1e-4, weight_decay=1e-4, grad_clip=0.0),
+    "multilabel_finetune": dict(task="", epochs=3, batch_size=32, lr=1e-4, weight_decay=1e-4, grad_clip=0.0, eps=1e-8),
     # FLAIR's transfer protocols (settings of jusiro/FLAIR's transferability code).
     "transfer_zero_shot": dict(_SPLITS),
     "transfer_linear_probe": dict(_SPLITS, c=0.316, max_iter=1000),
@@ -47,7 +47,7 @@ EVALUATORS = {
     "transfer_tip_adapter": dict(_SPLITS, **_TIP),
     "transfer_tip_adapter_f": dict(_SPLITS, **_ADAPTER, **_TIP),
     "transfer_finetune": dict(_SPLITS, epochs=50, lr=1e-4, batch_size=4, patience=10, weight_decay=0.01,
-                              grad_clip=1.0),
+                              grad_clip=1.0, eps=1e-4),  # AdamW's eps: FLAIR's 1e-4
     "transfer_retrieval": dict(task="", size=200),
     "transfer_segmentation": dict(train_size=256, test_size=128, steps=300, lr=1e-3, batch_size=16,
                                   finetune=False),  # finetune False: frozen tower, only the decoder trains

@@ -64,8 +64,8 @@ def _check(name: str, images, y, num_classes: int, multilabel: bool) -> None:
         raise ValueError(f"finetune {name}: class ids must lie in [0, {num_classes})")
 
 
-def _optimizer(lr: float, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
-    adamw = optax.adamw(lr, eps=FINETUNE_EPS, weight_decay=weight_decay)
+def _optimizer(lr: float, weight_decay: float, grad_clip: float, eps: float) -> optax.GradientTransformation:
+    adamw = optax.adamw(lr, eps=eps, weight_decay=weight_decay)
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0 else adamw
 
 
@@ -83,16 +83,16 @@ def _loss(logits, y, multilabel: bool):
 
 # Module-level jits keyed on the (hashable) tower function and hyperparameters: every fold of one
 # run reuses the same compilation.
-@functools.partial(jax.jit, static_argnames=("apply_features", "lr", "weight_decay", "grad_clip", "multilabel"),
+@functools.partial(jax.jit, static_argnames=("apply_features", "lr", "weight_decay", "grad_clip", "eps", "multilabel"),
                    donate_argnums=(0, 1, 2))
 def _step(params, stats, opt_state, images, y, *, apply_features, lr: float, weight_decay: float, grad_clip: float,
-          multilabel: bool):
+          eps: float, multilabel: bool):
     def loss_fn(params):
         logits, new_stats = _logits(params, stats, images, True, apply_features)
         return _loss(logits, y, multilabel), new_stats
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = _optimizer(lr, weight_decay, grad_clip).update(grads, opt_state, params)
+    updates, opt_state = _optimizer(lr, weight_decay, grad_clip, eps).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), stats, opt_state, loss
 
 
@@ -117,13 +117,14 @@ def _head(key, feature_dim: int, num_classes: int, train_y: np.ndarray, multilab
 def finetune(apply_features: Callable, variables, train_images, train_y, val_images, val_y, test_images, *,
              num_classes: int, epochs: int = FINETUNE_EPOCHS, batch_size: int = FINETUNE_BATCH_SIZE,
              lr: float = FINETUNE_LR, weight_decay: float = FINETUNE_WEIGHT_DECAY,
-             grad_clip: float = FINETUNE_GRAD_CLIP, patience: int = FINETUNE_PATIENCE, seed: int = 0,
-             eval_batch_size: int = 64) -> FinetuneResult:
+             grad_clip: float = FINETUNE_GRAD_CLIP, eps: float = FINETUNE_EPS, patience: int = FINETUNE_PATIENCE,
+             seed: int = 0, eval_batch_size: int = 64) -> FinetuneResult:
     """Fine-tune a copy of `variables` ({'params', 'batch_stats'}) of an image tower.
 
     `apply_features(variables, images, train) -> ([B, F] features, new batch_stats or None)`. Labels
     are class ids [N] (softmax head) or multi-hot [N, num_classes] (sigmoid heads); the validation
-    split may be empty only for multi-label labels (then no early stopping). `grad_clip` 0 = none.
+    split may be empty only for multi-label labels (then no early stopping). `grad_clip` 0 = none;
+    `eps` is AdamW's (FLAIR's 1e-4; optax's default 1e-8 for ViLReF's multi-label heads).
     """
     multilabel = np.ndim(train_y) == 2
     _check("train", train_images, train_y, num_classes, multilabel)
@@ -141,9 +142,9 @@ def finetune(apply_features: Callable, variables, train_images, train_y, val_ima
     params = {"tower": owned["params"],
               "head": _head(jax.random.PRNGKey(seed), feature_dim, num_classes, train_y, multilabel)}
     stats = owned.get("batch_stats", {})
-    opt_state = _optimizer(lr, weight_decay, grad_clip).init(params)
+    opt_state = _optimizer(lr, weight_decay, grad_clip, eps).init(params)
     hyper = {"apply_features": apply_features, "lr": lr, "weight_decay": weight_decay, "grad_clip": grad_clip,
-             "multilabel": multilabel}
+             "eps": eps, "multilabel": multilabel}
 
     def predict(params, stats, images) -> np.ndarray:
         out = []

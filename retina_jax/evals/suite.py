@@ -585,7 +585,7 @@ class TransferFinetune(FoldEvaluator):
             ctx.encoder.tower_features, ctx.encoder.image_tower(), ctx.images[split.train], y[split.train],
             ctx.images[split.val], y[split.val], ctx.images[split.test], num_classes=len(ctx.task.classes),
             epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
-            patience=s.patience, seed=split.seed, eval_batch_size=self.config.heldout.batch_size)
+            eps=s.eps, patience=s.patience, seed=split.seed, eval_batch_size=self.config.heldout.batch_size)
         return out.test_probs, {"best_epoch": out.best_epoch, "epochs_run": len(out.history),
                                 "best_val_f1": out.history[out.best_epoch - 1]["val_score"]}
 
@@ -629,7 +629,7 @@ class MultilabelFinetune(MultilabelEvaluator):
         out = finetune_lib.finetune(
             ctx.encoder.tower_features, ctx.encoder.image_tower(), ctx.images[split.train], y[split.train],
             ctx.images[:0], y[:0], ctx.images[split.test], num_classes=y.shape[1], epochs=s.epochs,
-            batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
+            batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip, eps=s.eps,
             seed=self.config.seed, eval_batch_size=self.config.heldout.batch_size)
         return out.test_probs, {"train_loss_first": out.history[0]["train_loss"],
                                 "train_loss_last": out.history[-1]["train_loss"]}
