@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 
 class MetricWriter:
@@ -31,6 +32,15 @@ class MetricWriter:
         row.update({k: _scalar(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def report(self, name: str, step: int, result: dict, **extra) -> None:
+        """An evaluator's metrics: eval/<name>/<metric> rows here and eval_<name>.json beside them."""
+        self.write(step, {f"eval/{name}/{k}": v for k, v in result.items()})
+        if self.active:
+            with open(os.path.join(os.path.dirname(self.path), f"eval_{name}.json"), "w") as f:
+                json.dump({"task": name, "step": step, **extra, **result}, f, indent=2)
+            logging.info("%s at step %d: %s", name, step,
+                         " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
 
 
 def _scalar(v):
@@ -98,6 +108,12 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def quiet_library_logs() -> None:
-    from absl import logging as absl_logging
+    logging.get_absl_handler().addFilter(_QuietLibraries())
 
-    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+def progress_bar(enabled: bool, start: int, total: int):
+    """A tqdm bar over the run's steps on process 0 (None when disabled or elsewhere)."""
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -30,7 +30,7 @@ from retina_jax.data import files, pipeline
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.encoder import Encoder
 from retina_jax.methods import method_class
-from retina_jax.metric_writer import MetricWriter, Throughput, check_finite
+from retina_jax.metric_writer import MetricWriter, Throughput, check_finite, progress_bar
 from retina_jax.optim import make_optimizer
 from retina_jax.train_state import TrainState
 
@@ -146,7 +146,7 @@ class Trainer:
         start = int(jax.device_get(state.step))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._write_run_info(start)
-        progress = _progress(config.train.progress, start, self.total_steps)
+        progress = progress_bar(config.train.progress, start, self.total_steps)
         throughput = Throughput()
         last_saved = mngr.latest_step()
         preemption = distributed.PreemptionCheck(lambda: self._stop_signal is not None,
@@ -242,21 +242,7 @@ class Trainer:
             t0 = time.time()
             metrics, extra = evaluator.run(encoder)
             extra.pop("result", None)  # a task evaluator's whole result is in its own report
-            self._report(evaluator.report_name, step, metrics, seconds=time.time() - t0, **extra)
+            self.writer.report(evaluator.report_name, step, metrics, seconds=time.time() - t0, **extra)
             result.update({f"{evaluator.metric_prefix}{k}": v for k, v in metrics.items()})
         return result
 
-    def _report(self, name: str, step: int, result: dict, **extra):
-        self.writer.write(step, {f"eval/{name}/{k}": v for k, v in result.items()})
-        if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, f"eval_{name}.json"), "w") as f:
-                json.dump({"task": name, "step": step, **extra, **result}, f, indent=2)
-            logging.info("%s at step %d: %s", name, step,
-                         " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
-
-
-def _progress(enabled: bool, start: int, total: int):
-    if not enabled or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

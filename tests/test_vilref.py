@@ -63,10 +63,10 @@ def vilref_run(tmp_path_factory):
 
     evaluate = trainer.evaluate
 
-    def evaluate_and_keep(state, step):
+    def evaluate_and_keep(state, step, evaluators=None):
         nonlocal params_before_eval
         params_before_eval = leaves(state.params)
-        return evaluate(state, step)
+        return evaluate(state, step, evaluators)
 
     trainer.evaluate = evaluate_and_keep
     result = trainer.train()

@@ -275,7 +275,9 @@ class TaskFeatures:
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
-        self.zimg  # the labels are gathered with the first representation computed
+        if jax.process_count() == 1:  # no forward pass needed
+            return np.concatenate([y[valid] for _, y, valid in self._batches])
+        self.zimg  # the labels of every process are gathered with the first representation computed
         return self.__dict__["labels"]
 
     @functools.cached_property
