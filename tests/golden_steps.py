@@ -63,8 +63,9 @@ def _tree_sums(tree) -> dict:
         a = np.asarray(leaf)
         if a.dtype == bool or np.issubdtype(a.dtype, np.integer) or a.dtype.kind == "V":
             a = a.astype(np.float64) if a.dtype.kind != "V" else np.zeros(())
+        # The element count (not recorded) scales the comparison's tolerance for the sum.
         out[jax.tree_util.keystr(path)] = [float(np.sum(a, dtype=np.float64)),
-                                           float(np.sum(np.square(a, dtype=np.float64)))]
+                                           float(np.sum(np.square(a, dtype=np.float64))), int(a.size)]
     return out
 
 
