@@ -31,7 +31,7 @@ from step_speed import CASES, jax_side  # noqa: E402
 
 def op_kind(name: str) -> str:
     n = name.lower()
-    for kind, pattern in (("convolution", r"conv"), ("dot", r"dot|gemm|matmul"), ("copy/transpose", r"copy|transpose"),
+    for kind, pattern in (("YNNPACK/XNNPACK call", r"^[xy]nn_"), ("oneDNN call", r"onednn"), ("convolution", r"conv"), ("dot", r"dot|gemm|matmul"), ("copy/transpose", r"copy|transpose"),
                           ("scatter/gather", r"scatter|gather|dynamic"), ("reduce", r"reduce"),
                           ("custom call", r"custom"), ("fusion", r"fusion")):
         if re.search(pattern, n):
@@ -39,13 +39,14 @@ def op_kind(name: str) -> str:
     return "other"
 
 
-def hlo_parts(compiled_text: str) -> dict[str, str]:
-    """HLO instruction name -> the first meaningful scope of its JAX op_name metadata."""
-    parts = {}
+def hlo_parts(compiled_text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """HLO instruction name -> (the model part of its JAX op_name metadata, its JAX primitive)."""
+    parts, primitives = {}, {}
     for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]+)\"", compiled_text):
         scopes = [s for s in m.group(2).split("/") if s and not s.startswith(("jit(", "jvp(", "transpose(", "vmap("))]
         parts[m.group(1)] = _part(scopes)
-    return parts
+        primitives[m.group(1)] = scopes[-1].split("[")[0] if scopes else "(none)"
+    return parts, primitives
 
 
 def _part(scopes: list[str]) -> str:
@@ -81,7 +82,7 @@ def main(argv=None):
         compiled = trainer.train_step.lower(state, batch).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        parts = hlo_parts(compiled.as_text())
+        parts, primitives = hlo_parts(compiled.as_text())
         for _ in range(args.warmup):
             state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(state)
@@ -96,20 +97,21 @@ def main(argv=None):
     ops = [e for e in events if e["name"] in parts or e.get("args", {}).get("hlo_op") in parts]
     steps = [e for e in events if "_train_step" in e["name"] or "train_step" in e["name"]]
     step_us = sum(e["dur"] for e in steps) / max(len(steps), 1) if steps else None
-    by_kind, by_part, by_op = collections.Counter(), collections.Counter(), collections.Counter()
+    by_kind, by_part, by_op, by_primitive = (collections.Counter() for _ in range(4))
     for e in ops:
         name = e.get("args", {}).get("hlo_op", e["name"])
         by_kind[op_kind(name)] += e["dur"]
         by_part[parts.get(name, "(none)")] += e["dur"]
         by_op[name] += e["dur"]
+        by_primitive[f"{parts.get(name, '(none)')}: {primitives.get(name, '(none)')}"] += e["dur"]
     total = sum(by_kind.values())
     print(f"{args.case}: {len(ops) // max(args.steps, 1)} XLA ops a step, {total / args.steps / 1e3:.1f} ms of op time a "
           f"step (summed over threads)" + (f", step event {step_us / 1e3:.1f} ms" if step_us else ""))
     print(f"XLA cost estimate: {cost.get('flops', 0) / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 1e6:.0f} MB "
           "accessed a step")
-    for title, counter in (("by kind", by_kind), ("by part", by_part)):
+    for title, counter in (("by kind", by_kind), ("by part", by_part), ("by part and JAX primitive", by_primitive)):
         print(f"  {title}:")
-        for key, us in counter.most_common():
+        for key, us in counter.most_common(args.top):
             print(f"    {key:28s} {us / args.steps / 1e3:8.1f} ms  {100 * us / total:5.1f} %")
     print(f"  the {args.top} most expensive ops:")
     for name, us in by_op.most_common(args.top):

@@ -22,6 +22,7 @@ with an error (it would not be the same architecture).
 
     python benchmarks/step_speed.py                       # every case
     python benchmarks/step_speed.py --cases flair_demo --steps 7
+    XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/step_speed.py --cases flair_demo --jax-only
 
 Cases: `flair_demo` and `vilref_demo` (the demos' models at their batch 64), `vilref_clip_demo`
 (ViLReF stage `clip`), `rn50_bert` (FLAIR's ResNet-50 + BERT-base, 224 px, batch 8) and
@@ -287,12 +288,22 @@ class TorchStep:
 
 
 # ------------------------------------------------------------------------------------ timing
-def run_case(name: str, steps: int, warmup: int) -> dict:
+def run_case(name: str, steps: int, warmup: int, jax_only: bool = False) -> dict:
     import jax
     import torch
 
     with tempfile.TemporaryDirectory() as workdir:
         config, trainer, state, batch, host_batch = jax_side(name, workdir)
+        if jax_only:  # e.g. to compare XLA_FLAGS settings: the JAX side alone
+            times = []
+            for i in range(warmup + steps):
+                began = time.perf_counter()
+                state, metrics = trainer.train_step(state, batch)
+                jax.block_until_ready((state, metrics))
+                times.append(time.perf_counter() - began)
+            jax_s = statistics.median(times[warmup:])
+            print(f"{name}: retina_jax {jax_s:.3f} s (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})", flush=True)
+            return {"case": name, "jax_s": jax_s}
         step = TorchStep(config, trainer.tokenize.vocab_size, host_batch)
         n_jax = count(state.params)
         n_torch = step.num_params()
@@ -327,6 +338,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side (>= 5 for RESULTS.md)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (JAX compiles here)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads (XLA uses every core)")
+    parser.add_argument("--jax-only", action="store_true", help="time retina_jax's step alone (no PyTorch side)")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
@@ -336,7 +348,7 @@ def main(argv=None):
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    return [run_case(name, args.steps, args.warmup) for name in args.cases.split(",")]
+    return [run_case(name, args.steps, args.warmup, args.jax_only) for name in args.cases.split(",")]
 
 
 if __name__ == "__main__":
