@@ -71,19 +71,26 @@ def paper_vocabulary(path: str, size: int) -> str:
 
 def jax_side(name: str, workdir: str):
     """(config, trainer, train state, global batch, host batch) of one case."""
+    spec, fields = CASES[name]
+    return build(spec, fields, workdir, PAPER_VOCAB if name in PAPER_CASES else None)
+
+
+def build(spec: str, fields: dict, workdir: str, vocab_size: int | None = None):
+    """A Trainer for config `spec` with `fields` set, its initial state (after the run-start quirks)
+    and one batch of its own input pipeline: (config, trainer, state, global batch, host batch).
+    `vocab_size` writes a vocabulary of that size (`paper_vocabulary`) instead of learning one."""
     import jax
     from retina_jax import config as config_lib
     from retina_jax.data import pipeline
     from retina_jax.train import Trainer
 
-    spec, fields = CASES[name]
     config = config_lib.load(os.path.join(REPO, spec))
     fields = {"data.synthetic.size": max(256, 8 * fields.get("data.batch_size", config.data.batch_size)),
               "train.progress": False, **fields}
-    if name in PAPER_CASES:
-        fields["text.tokenizer"] = paper_vocabulary(os.path.join(workdir, "vocab"), PAPER_VOCAB)
-    if config.momentum.queue_size:
-        fields["momentum.queue_max_fraction"] = 1.0
+    if vocab_size:
+        fields["text.tokenizer"] = paper_vocabulary(os.path.join(workdir, "vocab"), vocab_size)
+    if config.momentum.queue_size or fields.get("momentum.queue_size"):
+        fields["momentum.queue_max_fraction"] = 1.0  # one batch is drawn: the corpus's size is immaterial
     config_lib.override(config, fields)
     trainer = Trainer(config, workdir)
     host_batch = next(iter(trainer.method.train_iter()))
