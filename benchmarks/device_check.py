@@ -33,7 +33,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from step_speed import PAPER_VOCAB, build  # noqa: E402
+from step_speed import PAPER_VOCAB, build, median_step  # noqa: E402
 
 H200_BF16_TFLOPS = 989.0  # dense bf16 peak of one H200 SXM
 VILREF = {"model_init": "", "model.compute_dtype": "bfloat16", "data.synthetic.size": 65_536}
@@ -86,13 +86,7 @@ def measure(name: str, spec: str, fields: dict, steps: int, warmup: int, peak_tf
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         memory = compiled.memory_analysis()
-        times = []
-        for i in range(warmup + steps):
-            began = time.perf_counter()
-            state, metrics = trainer.train_step(state, batch)
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - began)
-        step_s = statistics.median(times[warmup:])
+        state, metrics, step_s = median_step(trainer, state, batch, steps, warmup)
         stats = jax.devices()[0].memory_stats() or {}
     xla_flops, flops = float(cost.get("flops", 0.0)), model_flops(config)
     used = flops if flops is not None else xla_flops

@@ -295,20 +295,31 @@ class TorchStep:
 
 
 # ------------------------------------------------------------------------------------ timing
-def run_case(name: str, steps: int, warmup: int, jax_only: bool = False) -> dict:
+def timed_step(trainer, state, batch):
+    """(state, metrics, seconds) of one `Trainer.train_step`, waited for to its end."""
     import jax
+    began = time.perf_counter()
+    state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return state, metrics, time.perf_counter() - began
+
+
+def median_step(trainer, state, batch, steps: int, warmup: int):
+    """(state, metrics, median seconds of `steps` steps after `warmup` untimed ones)."""
+    times = []
+    for _ in range(warmup + steps):
+        state, metrics, seconds = timed_step(trainer, state, batch)
+        times.append(seconds)
+    return state, metrics, statistics.median(times[warmup:])
+
+
+def run_case(name: str, steps: int, warmup: int, jax_only: bool = False) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory() as workdir:
         config, trainer, state, batch, host_batch = jax_side(name, workdir)
         if jax_only:  # e.g. to compare XLA_FLAGS settings: the JAX side alone
-            times = []
-            for i in range(warmup + steps):
-                began = time.perf_counter()
-                state, metrics = trainer.train_step(state, batch)
-                jax.block_until_ready((state, metrics))
-                times.append(time.perf_counter() - began)
-            jax_s = statistics.median(times[warmup:])
+            _, _, jax_s = median_step(trainer, state, batch, steps, warmup)
             print(f"{name}: retina_jax {jax_s:.3f} s (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})", flush=True)
             return {"case": name, "jax_s": jax_s}
         step = TorchStep(config, trainer.tokenize.vocab_size, host_batch)
@@ -319,10 +330,7 @@ def run_case(name: str, steps: int, warmup: int, jax_only: bool = False) -> dict
                              "same architecture")
         times = {"jax": [], "torch": []}
         for i in range(warmup + steps):
-            began = time.perf_counter()
-            state, metrics = trainer.train_step(state, batch)
-            jax.block_until_ready((state, metrics))
-            t_jax = time.perf_counter() - began
+            state, _, t_jax = timed_step(trainer, state, batch)
             began = time.perf_counter()
             step()
             t_torch = time.perf_counter() - began
