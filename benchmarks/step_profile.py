@@ -95,8 +95,6 @@ def main(argv=None):
 
     # XLA ops: the events named after HLO instructions of this program.
     ops = [e for e in events if e["name"] in parts or e.get("args", {}).get("hlo_op") in parts]
-    steps = [e for e in events if "_train_step" in e["name"] or "train_step" in e["name"]]
-    step_us = sum(e["dur"] for e in steps) / max(len(steps), 1) if steps else None
     by_kind, by_part, by_op, by_primitive = (collections.Counter() for _ in range(4))
     for e in ops:
         name = e.get("args", {}).get("hlo_op", e["name"])
@@ -106,7 +104,7 @@ def main(argv=None):
         by_primitive[f"{parts.get(name, '(none)')}: {primitives.get(name, '(none)')}"] += e["dur"]
     total = sum(by_kind.values())
     print(f"{args.case}: {len(ops) // max(args.steps, 1)} XLA ops a step, {total / args.steps / 1e3:.1f} ms of op time a "
-          f"step (summed over threads)" + (f", step event {step_us / 1e3:.1f} ms" if step_us else ""))
+          f"step (summed over threads)")
     print(f"XLA cost estimate: {cost.get('flops', 0) / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 1e6:.0f} MB "
           "accessed a step")
     for title, counter in (("by kind", by_kind), ("by part", by_part), ("by part and JAX primitive", by_primitive)):
