@@ -106,7 +106,6 @@ def cpu_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.synthetic.image_size = 96
     c.data.synthetic.size = 4096
     c.data.synthetic.cache_dir = render_cache_dir()
-    c.data.worker_count = 1
     c.model.txt.hidden_size = 128
     c.model.txt.num_hidden_layers = 2
     c.model.txt.num_attention_heads = 2
@@ -160,7 +159,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.ood_ban = True  # FLAIR: drop the out-of-distribution categories from pretraining CSVs
     c.data.batch_size = 128  # global batch
     c.data.image_size = 512  # FLAIR: long side to 512, zero-pad bottom/right
-    c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+    # grain worker processes: 0 = in the main process; -1 = one per CPU core less one (the process
+    # that drives the step), e.g. 1 on a 2-core laptop and 15 on a 16-core GPU host.
+    c.data.worker_count = -1
     c.data.worker_buffer_size = 2
     c.data.shuffle = True
     # Image preprocessing: 'flair' = RGB in [0, 1], long side to image_size, zero-pad bottom/right,

@@ -98,7 +98,7 @@ def validate(config, num_devices: int) -> None:
     check(0.0 <= config.data.synthetic.difficulty <= 1.0, "data.synthetic.difficulty", "must be in [0, 1]")
     check("{cls}" in config.data.prompt_template and "{atr}" in config.data.prompt_template,
           "data.prompt_template", "must contain {atr} and {cls}")
-    check(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
+    check(config.data.worker_count >= -1, "data.worker_count", "must be >= 0, or -1 for one per CPU core less one")
     check(config.text.tokenizer == "learn" or os.path.isdir(config.text.tokenizer), "text.tokenizer",
           f"{config.text.tokenizer!r} is neither 'learn' nor an existing tokenizer directory")
     check(2 <= config.text.max_len <= config.model.txt.max_position_embeddings, "text.max_len",

@@ -59,6 +59,45 @@ def test_augment_is_a_function_of_the_generator():
     assert a.min() >= 0 and a.max() <= 1
 
 
+def _augment_as_written(image, rng, cfg):
+    """FLAIR's/ViLReF's augmentation in its plain formulas (issue 19's faster `augment` must give
+    these values exactly)."""
+    if rng.random() < cfg.hflip_p:
+        image = image[:, ::-1]
+    if rng.random() < cfg.affine_p:
+        angle, scale = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg), rng.uniform(cfg.scale_min, cfg.scale_max)
+        image = transforms._rotate_scale(image, angle, scale)
+    if rng.random() < cfg.jitter_p:
+        brightness = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+        contrast = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+        image = image * brightness
+        mean = image.mean()
+        image = (image - mean) * contrast + mean
+        if cfg.saturation > 0:
+            saturation = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+            grey = image @ np.array([0.299, 0.587, 0.114], np.float32)
+            image = (image - grey[..., None]) * saturation + grey[..., None]
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["flair", "vilref"])
+def test_augment_and_normalize_give_the_plain_formulas_exactly_and_leave_their_input(kind):
+    cfg = config_lib.load(os.path.join(REPO, "configs", f"{kind}.py") + ":demo").data.augment
+    cfg.jitter_p = 0.7
+    image = transforms.resize_square(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8), 40)
+    before = image.copy()
+    for seed in range(24):
+        got = transforms.augment(image, np.random.default_rng(seed), cfg)
+        np.testing.assert_array_equal(got, _augment_as_written(image, np.random.default_rng(seed), cfg))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(transforms.normalize(got, "clip"),
+                                      ((got - transforms.CLIP_MEAN) / transforms.CLIP_STD).astype(np.float32))
+    np.testing.assert_array_equal(image, before)
+    batch = np.stack([image, image[:, ::-1]])  # any leading axes, any strides
+    np.testing.assert_array_equal(transforms.normalize(batch, "clip"), (batch - transforms.CLIP_MEAN) / transforms.CLIP_STD)
+    np.testing.assert_array_equal(image, before)
+
+
 def test_prompt_template_collapses_the_empty_attribute():
     template = demo_config().data.prompt_template
     assert pipeline.make_prompt(template, "", "glaucoma") == "A fundus photograph of glaucoma"
@@ -110,6 +149,35 @@ def test_learned_vocabulary_is_identical_across_processes_and_covers_the_corpus(
     hf = BertTokenizerFast.from_pretrained(str(tmp_path / "a"))
     enc = hf(texts[:20], padding="max_length", truncation=True, max_length=32)
     np.testing.assert_array_equal(ids[:20], np.asarray(enc["input_ids"]))
+
+
+def test_tokenize_encodes_a_text_once_and_gives_what_the_tokenizer_gives(tmp_path, monkeypatch):
+    config = demo_config()
+    tok = Tokenize(pipeline.prepare_tokenizer(config, str(tmp_path)), config.text.max_len)
+    texts = ["A fundus photograph of glaucoma", "drusen", "A fundus photograph of glaucoma", "cataract"]
+    plain = tok.tokenizer.encode_batch(texts)
+
+    class Counting:  # the tokenizer, recording what it is asked to encode
+        calls = []
+
+        def encode_batch(self, batch):
+            self.calls.append(list(batch))
+            return tok_inner.encode_batch(batch)
+
+    tok_inner, tok._tok = tok.tokenizer, Counting()
+    for _ in range(2):
+        ids, mask = tok(texts)
+        np.testing.assert_array_equal(ids, [e.ids for e in plain])
+        np.testing.assert_array_equal(mask, [e.attention_mask for e in plain])
+        assert ids.dtype == mask.dtype == np.int32
+    assert Counting.calls == [["A fundus photograph of glaucoma", "drusen", "cataract"]]  # each distinct text once
+    tok._tok = tok_inner
+    assert sorted(tok._cache) == sorted(set(texts))
+    monkeypatch.setattr(Tokenize, "CACHE_SIZE", 3)  # a fourth distinct text starts the cache afresh
+    ids, _ = tok(["retinal detachment"])
+    np.testing.assert_array_equal(ids[0], tok.tokenizer.encode("retinal detachment").ids)
+    assert list(tok._cache) == ["retinal detachment"]
+    assert tok([])[0].shape == (0, config.text.max_len)
 
 
 def test_vocabulary_too_small_names_the_field(tmp_path):
@@ -185,3 +253,18 @@ def test_classification_metrics_against_hand_computed_values():
     assert m["accuracy"] == pytest.approx(4 / 6)
     perfect = eval_metrics.classification_metrics(labels, np.eye(3)[labels])
     assert perfect["aca"] == perfect["kappa"] == perfect["f1"] == perfect["auc"] == 1.0
+
+
+def test_worker_count_auto_is_one_per_core_less_the_step(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert pipeline.worker_count(-1) == 15
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert pipeline.worker_count(-1) == 1  # this 2-core machine: the demos' one worker
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert pipeline.worker_count(-1) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)))
+    assert pipeline.worker_count(-1) == 32
+    assert pipeline.worker_count(0) == 0 and pipeline.worker_count(3) == 3
+    assert config_lib.load(os.path.join(REPO, "configs", "vilref.py")).data.worker_count == -1
+    with pytest.raises(config_lib.ConfigError, match=r"data.worker_count: must be >= 0, or -1"):
+        config_lib.validate(demo_config(**{"data.worker_count": -2}), 1)

@@ -153,6 +153,26 @@ def test_report_stream_labels_are_the_extracted_ones_and_equal_the_ground_truth(
     assert pipeline.num_labels(config) == len(knowledge.FINDINGS)
 
 
+def test_report_labels_are_extracted_once_per_report_and_the_cache_is_bounded(monkeypatch):
+    config = tiny_vilref()
+    source = pipeline.synthetic_source(config)
+    extractor = pipeline.label_extractor(config)
+    transform = pipeline.ReportTransform(32, "clip", None, "zh", 0, extractor)
+    asked = []
+    monkeypatch.setattr(extractor, "extract", lambda text: asked.append(text) or type(extractor).extract(extractor, text))
+    examples = [source[i] for i in range(6)]
+    for epoch in range(2):
+        for i, example in enumerate(examples):
+            out = transform(example, np.random.default_rng(i))
+            np.testing.assert_array_equal(out["labels"], example["labels"].astype(np.float32))
+    assert asked == [e["report_zh"] for e in examples]  # the second epoch asked nothing
+    out["labels"][:] = 9  # a caller's change does not reach the cache
+    np.testing.assert_array_equal(transform(examples[-1], np.random.default_rng(0))["labels"], examples[-1]["labels"])
+    monkeypatch.setattr(pipeline.ReportTransform, "CACHE_SIZE", 6)
+    transform(source[6], np.random.default_rng(0))
+    assert list(transform._labels) == [source[6]["report_zh"]]
+
+
 def test_drop_first_characters_switch():
     example = {"index": 7, "report_zh": "右眼：后极部可见微血管瘤。", "report_en": "Right eye: drusen."}
     assert pipeline.report_text(example, "zh", 0) == "右眼：后极部可见微血管瘤。"  # default: off
