@@ -29,6 +29,7 @@ setup(
         "tokenizers>=0.23.3,<0.24",
         "safetensors>=0.8.0,<0.9",
         "pillow>=13.0.0,<14",
+        "simplejpeg>=1.9.0,<2",  # JPEG decoding (data/images.py)
         "scikit-learn>=1.9.1,<2",
         "absl-py>=2.1,<3",
         "tqdm>=4.66,<5",

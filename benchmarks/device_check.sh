@@ -4,7 +4,7 @@
 # ViT-B-16 step on the same GPU, in at most 8 minutes.
 #
 # The H200 image has jax 0.11 (CUDA), flax, optax, orbax, torch, torchvision, timm, transformers and
-# tokenizers, but not grain, ml_collections or open_clip, and nothing can be downloaded there. So:
+# tokenizers, but not grain, ml_collections, simplejpeg or open_clip, and nothing can be downloaded there. So:
 #   here (with PyPI):  benchmarks/device_check.sh fetch     # wheels for Python 3.12 into .whl/
 #   there:             benchmarks/device_check.sh run OUT   # installs .whl/ to /tmp/site, writes OUT/device_check.json
 # (with the session's `run` tool: carry [".whl"], command `benchmarks/device_check.sh run $OUT`).
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 # Missing on the H200 image, pinned as in requirements.txt where the project pins them; the rest are
 # their dependencies that the image lacks (each `Requires-Dist` checked against the image's list).
-WHEELS=(grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0
+WHEELS=(grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0 simplejpeg==1.9.0
         open_clip_torch==2.24.0 ftfy==6.3.1 wcwidth==0.2.13)
 
 case "${1:-}" in

@@ -468,6 +468,40 @@ def test_decode_image_modes():
     assert jpeg.shape == (683, 1024, 3) and jpeg.dtype == np.uint8
 
 
+def _jpeg(image, **options) -> bytes:
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format='JPEG', **options)
+    return buffer.getvalue()
+
+
+def _pil_decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert('RGB'))
+
+
+def test_jpegs_decode_to_pils_pixels_through_libjpeg_turbo(monkeypatch):
+    import simplejpeg
+    calls = []
+    decode = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, 'decode_jpeg', lambda data, **kw: calls.append(kw) or decode(data, **kw))
+    rgb = _rgb('normal_sample.png')[80:230, 60:270]
+    cases = {'4:2:0': _jpeg(rgb, quality=90), '4:4:4': _jpeg(rgb, quality=95, subsampling=0),
+             'progressive': _jpeg(rgb, quality=85, progressive=True), 'grey': _jpeg(Image.fromarray(rgb).convert('L')),
+             'a real photograph': (SAMPLES / 'severe_nonprol_dr.jpg').read_bytes()}
+    for name, data in cases.items():
+        np.testing.assert_array_equal(decode_image(data, name), _pil_decode(data), err_msg=name)
+    assert len(calls) == len(cases) and all(c == {'colorspace': 'RGB', 'strict': False} for c in calls)
+    cmyk = _jpeg(Image.fromarray(rgb).convert('CMYK'))
+    np.testing.assert_array_equal(decode_image(cmyk, 'cmyk'), _pil_decode(cmyk))  # PIL's Adobe inversion
+    assert len(calls) == len(cases)
+    # Recoverable damage in a complete file (bytes before the end marker): libjpeg warns, PIL decodes,
+    # and so does the strict-only-when-cut-off turbo path, to the same pixels.
+    damaged = cases['4:2:0'][:-2] + b'\x00\x01\x02' + b'\xff\xd9'
+    np.testing.assert_array_equal(decode_image(damaged, 'damaged'), _pil_decode(damaged))
+    with pytest.raises(ValueError):
+        decode(damaged, colorspace='RGB', strict=True)  # the warning the non-strict decode passed over
+
+
 def test_decode_image_bad_inputs_name_where(tmp_path):
     jpeg = (SAMPLES / 'severe_nonprol_dr.jpg').read_bytes()
     (tmp_path / 'half.jpg').write_bytes(jpeg[:len(jpeg) // 2])
