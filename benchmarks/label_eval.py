@@ -59,7 +59,8 @@ def score(extractor: LabelExtractor, rows: list[dict]) -> dict:
         fn = sum(finding not in g and finding in w for g, w in zip(got, want))
         if tp + fn:
             f1[finding] = 2 * tp / (2 * tp + fp + fn)
-    eyes = [(r[eye], extract(extractor, r["text"], eye)) for r in rows for eye in ("od", "os") if eye in r]
+    eyes = [(r[key], extract(extractor, r["text"], eye)) for r in rows
+            for key, eye in (("od", "right"), ("os", "left")) if key in r]
     return {"reports": len(rows), "exact": float(np.mean([g == w for g, w in zip(got, want)])),
             "macro_f1": float(np.mean(list(f1.values()))), "f1": f1,
             "per_eye": float(np.mean([set(w) == g for w, g in eyes])) if eyes else None, "eyes": len(eyes),

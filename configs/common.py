@@ -181,6 +181,13 @@ def get_config() -> ml_collections.ConfigDict:
     # ground-truth labels (equal on the synthetic corpus, which a test checks).
     c.data.reports.labels = "extract"
     c.data.reports.coverage_size = 2048  # reports scanned at start to log the extractor's coverage
+    # The extractor's switches (docs/labels.md): what an uncertain mention ('possible drusen', '疑似')
+    # gives: 'positive' (CheXpert's U-Ones), 'negative' or 'drop'; the cup-to-disc ratio from which a
+    # measurement means an enlarged cup; per_eye: an image whose eye the dataset gives is labelled
+    # from its own eye's section of a right/left-eye report (off: the whole report, as ViLReF).
+    c.data.reports.uncertain = "positive"
+    c.data.reports.cup_disc_threshold = 0.6
+    c.data.reports.per_eye = True
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.enabled = True
     # 'flair': flip, small affine, jitter (kornia, FLAIR); 'vilref': RandomResizedCrop(crop_scale,

@@ -14,7 +14,7 @@ import ml_collections
 # The allowed values of each switch are owned by the module that implements it.
 from retina_jax import evals, methods
 from retina_jax.data.files import FORMATS as FILE_FORMATS, MIXING, ON_ERROR
-from retina_jax.data.labels import LANGUAGES as REPORT_LANGUAGES
+from retina_jax.data.labels import LANGUAGES as REPORT_LANGUAGES, UNCERTAIN
 from retina_jax.data.synthetic import MODALITIES
 from retina_jax.data.transforms import AUGMENT_KINDS, PREPROCESS_MODES
 from retina_jax.evals.zeroshot import LANGUAGES as PROMPT_LANGUAGES
@@ -136,6 +136,8 @@ def validate(config, num_devices: int) -> None:
     check(r.language in REPORT_LANGUAGES, "data.reports.language", f"{r.language!r} not in {REPORT_LANGUAGES}")
     check(r.labels in REPORT_LABELS, "data.reports.labels", f"{r.labels!r} not in {REPORT_LABELS}")
     check(r.drop_chars >= 0, "data.reports.drop_chars", "must be >= 0 (0 = keep the whole report)")
+    check(r.uncertain in UNCERTAIN, "data.reports.uncertain", f"{r.uncertain!r} not in {UNCERTAIN}")
+    check(0.0 < r.cup_disc_threshold <= 1.0, "data.reports.cup_disc_threshold", f"{r.cup_disc_threshold} not in (0, 1]")
     check(config.data.augment.kind in AUGMENT_KINDS, "data.augment.kind",
           f"{config.data.augment.kind!r} not in {AUGMENT_KINDS}")
     lo, hi = config.data.augment.crop_scale

@@ -367,7 +367,8 @@ def test_vilref_lmdb_needs_its_count_keys(tmp_path):
 
 def test_jsonl_language_labels_and_bad_lines(tmp_path):
     Image.fromarray(np.full((5, 7, 3), 200, np.uint8)).save(tmp_path / 'x.png')
-    good = [{'image': 'x.png', 'text': '左眼：出血', 'language': 'zh', 'labels': ['haemorrhage'], 'modality': 'FFA'},
+    good = [{'image': 'x.png', 'text': '左眼：出血', 'language': 'zh', 'labels': ['haemorrhage'], 'modality': 'FFA',
+             'eye': 'OS'},
             {'image': 'x.png', 'text': 'Drusen at the macula.', 'categories': ['age-related macular degeneration']}]
     path = tmp_path / 'data.jsonl'
     path.write_text(json.dumps(good[0], ensure_ascii=False) + '\n\n' + json.dumps(good[1]) + '\n', encoding='utf-8')
@@ -377,10 +378,12 @@ def test_jsonl_language_labels_and_bad_lines(tmp_path):
     assert read[0]['modality'] == 'FFA' and read[0]['labels'][LABELS.index('haemorrhage')] == 1
     assert read[1]['report_en'] == 'Drusen at the macula.' and read[1]['where'] == f'{path} line 3'
     assert read[1]['categories'] == ['age-related macular degeneration'] and read[1]['labels'].sum() == 0
+    assert read[0]['eye'] == 'left' and read[1]['eye'] == ''   # OD/OS read as right/left; none given: ''
     for line, message in [('{"image": "x.png", "text": "ok"', r'line 2: bad JSON'),
                           ('{"image": "x.png", "text": "ok", "labels": ["unicorn"]}', r"line 2: label 'unicorn' is outside"),
                           ('{"image": "x.png", "text": " "}', r'line 2: empty report'),
                           ('{"image": "x.png", "text": "ok", "language": "fr"}', r'line 2: "language"'),
+                          ('{"image": "x.png", "text": "ok", "eye": "both"}', r'line 2: "eye" .both. is not one of'),
                           ('["x.png", "ok"]', r'line 2: expected a JSON object')]:
         path.write_text(json.dumps(good[1]) + '\n' + line + '\n', encoding='utf-8')
         with pytest.raises(DataError, match=message) as err:

@@ -159,18 +159,34 @@ def test_report_labels_are_extracted_once_per_report_and_the_cache_is_bounded(mo
     extractor = pipeline.label_extractor(config)
     transform = pipeline.ReportTransform(32, "clip", None, "zh", 0, extractor)
     asked = []
-    monkeypatch.setattr(extractor, "extract", lambda text: asked.append(text) or type(extractor).extract(extractor, text))
+    monkeypatch.setattr(extractor, "extract", lambda text, eye=None: asked.append((text, eye))
+                        or type(extractor).extract(extractor, text, eye=eye))
     examples = [source[i] for i in range(6)]
     for epoch in range(2):
         for i, example in enumerate(examples):
             out = transform(example, np.random.default_rng(i))
             np.testing.assert_array_equal(out["labels"], example["labels"].astype(np.float32))
-    assert asked == [e["report_zh"] for e in examples]  # the second epoch asked nothing
+    assert asked == [(e["report_zh"], e["eye"]) for e in examples]  # the second epoch asked nothing
     out["labels"][:] = 9  # a caller's change does not reach the cache
     np.testing.assert_array_equal(transform(examples[-1], np.random.default_rng(0))["labels"], examples[-1]["labels"])
     monkeypatch.setattr(pipeline.ReportTransform, "CACHE_SIZE", 6)
     transform(source[6], np.random.default_rng(0))
-    assert list(transform._labels) == [source[6]["report_zh"]]
+    assert list(transform._labels) == [(source[6]["report_zh"], source[6]["eye"])]
+
+
+@pytest.mark.parametrize("per_eye", [True, False])
+def test_per_eye_switch_labels_an_image_from_its_own_section(per_eye):
+    config = tiny_vilref(**{"data.reports.per_eye": per_eye})
+    transform = pipeline.train_transform(config)
+    assert transform.per_eye is per_eye and config.data.reports.per_eye is per_eye
+    report = "右眼：视网膜散在微血管瘤。左眼：黄斑区玻璃膜疣。"
+    example = {"index": 0, "image": np.zeros((32, 32, 3), np.uint8), "report_zh": report, "eye": "left"}
+    labels = transform(example, np.random.default_rng(0))["labels"]
+    want = ["drusen"] if per_eye else ["microaneurysm", "drusen"]
+    assert [knowledge.FINDINGS[i] for i in np.flatnonzero(labels)] == want
+    unknown = transform({**example, "eye": ""}, np.random.default_rng(0))["labels"]   # no eye given: the whole report
+    assert [knowledge.FINDINGS[i] for i in np.flatnonzero(unknown)] == ["microaneurysm", "drusen"]
+    assert tiny_vilref().data.reports.per_eye is True   # the default
 
 
 def test_drop_first_characters_switch():

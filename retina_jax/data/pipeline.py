@@ -41,7 +41,7 @@ from absl import logging
 from retina_jax.data import files, knowledge, transforms
 from retina_jax.data.render_cache import maybe_cached
 from retina_jax.data.images import DataError
-from retina_jax.data.labels import LabelExtractor, label_names, log_coverage
+from retina_jax.data.labels import EYES, LabelExtractor, label_names, log_coverage
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.data.text_corpus import TextSource, WholeWordMask, read_text_folder
 from retina_jax.data.tokenizer import Tokenize, learn_wordpiece
@@ -209,6 +209,7 @@ class ReportTransform:
     language: str
     drop_chars: int
     extractor: LabelExtractor | None  # None: the example's own ground-truth labels
+    per_eye: bool = True  # label from the image's own eye section when the example names its eye
 
     # Reports whose extracted labels are kept: a report recurs every epoch, and extracting 64 cost
     # the ViLReF demo's pipeline 4 ms a batch.
@@ -222,14 +223,15 @@ class ReportTransform:
         image = _augmented_image(example["image"], rng, self.image_size, self.preprocess, self._augment)
         text = report_text(example, self.language, self.drop_chars)
         # ViLReF labels the FULL report (the extractor needs no prefix dropped).
-        labels = example["labels"] if self.extractor is None else self._extract(example[f"report_{self.language}"])
+        eye = example.get("eye") if self.per_eye and example.get("eye") in EYES else None
+        labels = example["labels"] if self.extractor is None else self._extract(example[f"report_{self.language}"], eye)
         return {"image": image, "prompt": text, "labels": np.asarray(labels, np.float32)}
 
-    def _extract(self, report: str) -> np.ndarray:
-        if (labels := self._labels.get(report)) is None:
+    def _extract(self, report: str, eye: str | None) -> np.ndarray:
+        if (labels := self._labels.get((report, eye))) is None:
             if len(self._labels) >= self.CACHE_SIZE:
                 self._labels.clear()
-            labels = self._labels[report] = self.extractor.extract(report)
+            labels = self._labels[report, eye] = self.extractor.extract(report, eye=eye)
         return labels
 
 
@@ -338,9 +340,10 @@ def local_batch_size(global_batch: int) -> int:
 
 def label_extractor(config) -> LabelExtractor | None:
     """The report stream's label extractor (None when the corpus's own labels are used)."""
-    if config.data.stream != "reports" or config.data.reports.labels != "extract":
+    r = config.data.reports
+    if config.data.stream != "reports" or r.labels != "extract":
         return None
-    return LabelExtractor.load(config.data.reports.language)
+    return LabelExtractor.load(r.language, uncertain=r.uncertain, cup_disc_threshold=r.cup_disc_threshold)
 
 
 def num_labels(config) -> int:
@@ -363,7 +366,7 @@ def train_transform(config):
     if config.data.stream == "reports":
         r = config.data.reports
         return ReportTransform(config.data.image_size, config.data.preprocess, augment, r.language, r.drop_chars,
-                               label_extractor(config))
+                               label_extractor(config), r.per_eye)
     return FlairTransform(config.data.image_size, config.data.preprocess, augment, config.data.prompt_template,
                           config.data.description_swap)
 

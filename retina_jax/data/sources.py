@@ -70,10 +70,11 @@ def _multi_hot(names, label_names: tuple[str, ...], where: str) -> np.ndarray:
 
 
 def _example(index: int, where: str, image: np.ndarray, labels: np.ndarray, *, categories=(), atributes=(),
-             report_en: str = '', report_zh: str = '', caption: str = '', modality: str = 'CFP') -> dict:
+             report_en: str = '', report_zh: str = '', caption: str = '', modality: str = 'CFP',
+             eye: str = '') -> dict:
     return {'index': index, 'image': image, 'categories': list(categories), 'atributes': list(atributes),
             'report_en': report_en, 'report_zh': report_zh, 'caption': caption, 'labels': labels,
-            'modality': modality, 'where': where}
+            'modality': modality, 'eye': eye, 'where': where}
 
 
 class _Source:
@@ -432,14 +433,16 @@ class JsonlSource(_RowSource):
     """JSONL image-text pairs: one JSON object per line (blank lines skipped; other keys ignored).
 
     Keys: `image` (path relative to `image_root`), `text` (non-empty), optional `labels` (a list of
-    names from `label_names`), `categories` (list of strings), `modality` (CFP/FFA/OCT, default CFP)
-    and `language` ('en' default, or 'zh'), which puts `text` into report_en or report_zh.
+    names from `label_names`), `categories` (list of strings), `modality` (CFP/FFA/OCT, default CFP),
+    `language` ('en' default, or 'zh'), which puts `text` into report_en or report_zh, and `eye`
+    ('right'/'left', or 'OD'/'OS'; the image's eye, for reports with a section per eye).
 
-    Fills: caption and report_<language> = text (the other report ''), labels, categories, modality;
-    atributes []. `on_error='skip'` drops a bad line into `self.bad_rows` instead of raising.
+    Fills: caption and report_<language> = text (the other report ''), labels, categories, modality,
+    eye ('' when not given); atributes []. `on_error='skip'` drops a bad line into `self.bad_rows` instead of raising.
     """
 
     LANGUAGES = ('en', 'zh')
+    EYES = {'': '', 'right': 'right', 'left': 'left', 'od': 'right', 'os': 'left'}
 
     def __init__(self, path: str, image_root: str, label_names, on_error: str = 'raise'):
         self.path, self.image_root, self.label_names = os.fspath(path), os.fspath(image_root), tuple(label_names)
@@ -480,8 +483,11 @@ class JsonlSource(_RowSource):
         language = obj.get('language', 'en')
         if language not in self.LANGUAGES:
             raise DataError(f'{where}: "language" {language!r} is not one of {self.LANGUAGES}')
+        eye = self.EYES.get(str(obj.get('eye', '')).strip().lower())
+        if eye is None:
+            raise DataError(f'{where}: "eye" {obj.get("eye")!r} is not one of right, left, OD, OS')
         labels = _multi_hot(lists['labels'], self.label_names, where)
-        return where, image.strip(), text.strip(), language, labels, lists['categories'], modality
+        return where, image.strip(), text.strip(), language, labels, lists['categories'], modality, eye
 
     def __repr__(self):
         return (f'JsonlSource({self.path!r}, {self.image_root!r}, rows={len(self._rows)}, '
@@ -489,9 +495,10 @@ class JsonlSource(_RowSource):
 
     def __getitem__(self, index: int) -> dict:
         index = self._position(index)
-        where, image, text, language, labels, categories, modality = self._rows[index]
+        where, image, text, language, labels, categories, modality, eye = self._rows[index]
         return _example(index, where, decode_image(os.path.join(self.image_root, image), where), labels.copy(),
-                        categories=categories, caption=text, modality=modality, **{f'report_{language}': text})
+                        categories=categories, caption=text, modality=modality, eye=eye,
+                        **{f'report_{language}': text})
 
 
 FORMATS: dict[str, type] = {
