@@ -125,10 +125,15 @@ class Tokenize:
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """[B, max_len] input ids and attention mask; a text seen before is not encoded again."""
         texts = list(texts)
-        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if len(self._cache) + len(new) > self.CACHE_SIZE:
-            self._cache.clear()  # simplest bound: a corpus with more distinct texts re-encodes them
-        for text, e in zip(new, self.tokenizer.encode_batch(new) if new else []):
-            self._cache[text] = np.asarray([e.ids, e.attention_mask], np.int32)
-        rows = np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 2, self.max_len), np.int32)
-        return rows[:, 0], rows[:, 1]
+        # Rows are looked up once into a local dict: grain may batch in several threads at once, and
+        # another thread may clear the shared cache between this call's lookups.
+        rows = {t: self._cache.get(t) for t in dict.fromkeys(texts)}
+        new = [t for t, row in rows.items() if row is None]
+        if new:
+            for text, e in zip(new, self.tokenizer.encode_batch(new)):
+                rows[text] = np.asarray([e.ids, e.attention_mask], np.int32)
+            if len(self._cache) + len(new) > self.CACHE_SIZE:
+                self._cache.clear()  # simplest bound: a corpus with more distinct texts re-encodes them
+            self._cache.update((t, rows[t]) for t in new)
+        out = np.stack([rows[t] for t in texts]) if texts else np.zeros((0, 2, self.max_len), np.int32)
+        return out[:, 0], out[:, 1]
