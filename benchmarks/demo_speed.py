@@ -72,8 +72,9 @@ print(json.dumps(passes))
 
 def pipeline_cost(checkout: str, config: str) -> list[float]:
     """Seconds per batch of the demo's input pipeline in passes 1, 2 and 3 over the same examples."""
-    done = subprocess.run([sys.executable, "-c", PIPELINE_CODE, os.path.join(checkout, config.split(":")[0]) + ":"
-                           + config.split(":")[1]], cwd=checkout, capture_output=True, text=True,
+    path, _, arg = config.partition(":")
+    done = subprocess.run([sys.executable, "-c", PIPELINE_CODE, f"{os.path.join(checkout, path)}:{arg}"], cwd=checkout,
+                          capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": checkout})
     if done.returncode != 0:
         raise SystemExit(f"demo_speed: the pipeline measurement in {checkout} failed:\n{done.stderr[-3000:]}")

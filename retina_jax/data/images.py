@@ -13,7 +13,7 @@ white; modes whose range is unknown (32-bit ``I``, float ``F``) are refused.
 
 Baseline and progressive JPEGs in YCbCr or grey are decoded by libjpeg-turbo through simplejpeg:
 the same library and settings as PIL's decoder (accurate integer DCT, smooth chroma upsampling), so
-the same pixels (tests/test_files.py compares them), 1.1-1.4 times as fast at 1.4-2 megapixels
+the same pixels (tests/test_sources.py compares them), 1.1-1.4 times as fast at 1.4-2 megapixels
 (benchmarks/input_speed.py). Every other file (PNG, CMYK/YCCK JPEG, ...) is decoded by PIL.
 
 The whole image is decoded (``Image.load()``) with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, and

@@ -283,7 +283,7 @@ class LabelExtractor:
         items = self._items(text)
         out = []
         for i, (s, e, kind, payload) in enumerate(items):
-            if kind not in self._terms and kind not in self._abbreviations and kind != _CUP:
+            if kind not in self._terms and kind != _CUP:   # abbreviations name a term's finding or diagnosis
                 continue
             scope = self._pre(items, i) | self._post(items, i)
             mention = payload if isinstance(payload, str) else text[s:e]
