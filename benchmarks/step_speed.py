@@ -23,6 +23,10 @@ with an error (it would not be the same architecture).
     python benchmarks/step_speed.py                       # every case
     python benchmarks/step_speed.py --cases flair_demo --steps 7
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/step_speed.py --cases flair_demo --jax-only
+    python benchmarks/step_speed.py --cases vilref_clip_demo --variant model.txt.hidden_dropout_prob=0.0
+
+`--variant FIELD=VALUE,...` times the JAX step of each case against the same case with those config
+fields set, both compiled in one process and alternated: what one setting costs in the step.
 
 Cases: `flair_demo` and `vilref_demo` (the demos' models at their batch 64), `vilref_clip_demo`
 (ViLReF stage `clip`), `rn50_bert` (FLAIR's ResNet-50 + BERT-base, 224 px, batch 8) and
@@ -347,6 +351,40 @@ def run_case(name: str, steps: int, warmup: int, jax_only: bool = False) -> dict
         return row
 
 
+def run_variant(name: str, fields: dict, steps: int, warmup: int) -> dict:
+    """The case's JAX step against the same case with `fields` set, alternated in one process."""
+    spec, base = CASES[name]
+    vocab = PAPER_VOCAB if name in PAPER_CASES else None
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        sides = {"case": list(build(spec, base, a, vocab)), "variant": list(build(spec, {**base, **fields}, b, vocab))}
+        times = {k: [] for k in sides}
+        for i in range(warmup + steps):
+            for k, side in sides.items():
+                side[2], _, seconds = timed_step(side[1], side[2], side[3])
+                if i >= warmup:
+                    times[k].append(seconds)
+    case_s, variant_s = (statistics.median(times[k]) for k in sides)
+    ratios = [v / c for c, v in zip(times["case"], times["variant"])]
+    print(f"{name}: {case_s:.3f} s, with {fields}: {variant_s:.3f} s, ratio {variant_s / case_s:.3f} "
+          f"(per pair {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+    return {"case": name, "case_s": case_s, "variant_s": variant_s, "ratios": ratios}
+
+
+def parse_fields(text: str) -> dict:
+    """'a.b=0.0,c=learn' -> {'a.b': 0.0, 'c': 'learn'} (Python literals, else strings)."""
+    import ast
+    fields = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"step_speed --variant: {item!r} is not FIELD=VALUE")
+        try:
+            fields[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fields[key] = value
+    return fields
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, from " + ", ".join(CASES))
@@ -354,6 +392,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (JAX compiles here)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads (XLA uses every core)")
     parser.add_argument("--jax-only", action="store_true", help="time retina_jax's step alone (no PyTorch side)")
+    parser.add_argument("--variant", default="", help="FIELD=VALUE,...: the JAX step against the case with these set")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
@@ -363,6 +402,9 @@ def main(argv=None):
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.variant:
+        fields = parse_fields(args.variant)
+        return [run_variant(name, fields, args.steps, args.warmup) for name in args.cases.split(",")]
     return [run_case(name, args.steps, args.warmup, args.jax_only) for name in args.cases.split(",")]
 
 
