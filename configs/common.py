@@ -297,9 +297,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.txt.max_position_embeddings = 512
     c.model.txt.hidden_dropout_prob = 0.1
     c.model.txt.attention_probs_dropout_prob = 0.1
-    # 'xla': BERT's dropout masks from XLA's threefry RngBitGenerator (about 4x cheaper draws on
-    # CPU; docs/methods.md, "Dropout's random bits"). 'jax': flax's nn.Dropout, the masks before.
-    c.model.txt.dropout_rng = "xla"
     c.model.txt.add_pooler = True
     c.model.txt.layer_norm_eps = 1e-12
     c.model.txt.type_vocab_size = 2

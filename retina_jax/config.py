@@ -21,7 +21,6 @@ from retina_jax.evals.zeroshot import LANGUAGES as PROMPT_LANGUAGES
 from retina_jax.errors import ConfigError
 from retina_jax.losses import WSCL_COUPLINGS
 from retina_jax.models.bert import TEXT_POOLING_MODES
-from retina_jax.models.dropout import DROPOUT_RNGS
 from retina_jax.models.knowledge_attention import KNOWLEDGE_SOFTMAX_AXES
 from retina_jax.models.two_tower import IMAGE_TOWERS, PROJECTIONS
 from retina_jax.sharding import PARAM_SHARDINGS, mesh_shape
@@ -107,8 +106,6 @@ def validate(config, num_devices: int) -> None:
           f"{config.model.txt.max_position_embeddings}]")
     check(config.model.txt.pooling in TEXT_POOLING_MODES, "model.txt.pooling",
           f"{config.model.txt.pooling!r} not in {TEXT_POOLING_MODES}")
-    check(config.model.txt.dropout_rng in DROPOUT_RNGS, "model.txt.dropout_rng",
-          f"{config.model.txt.dropout_rng!r} not in {DROPOUT_RNGS}")
     check(config.model.txt.hidden_size % config.model.txt.num_attention_heads == 0, "model.txt.num_attention_heads",
           f"hidden_size {config.model.txt.hidden_size} is not divisible by {config.model.txt.num_attention_heads} heads")
     img = config.model.img

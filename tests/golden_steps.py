@@ -29,9 +29,7 @@ from test_vilref import VILREF, TINY_RUN, tiny_vilref  # noqa: E402
 from retina_jax import config as config_lib  # noqa: E402
 
 GOLDEN = os.path.join(HERE, "data", "golden_steps.json")
-# model.txt.dropout_rng='jax': flax's nn.Dropout, the masks of the recording (made before XLA's
-# draws existed); those are checked in tests/test_dropout.py.
-STEPS = {"model.txt.dropout_rng": "jax", "train.log_every": 1, "train.checkpoint_every": 100, "train.eval_at_end": False, "train.async_checkpoint": False}
+STEPS = {"train.log_every": 1, "train.checkpoint_every": 100, "train.eval_at_end": False, "train.async_checkpoint": False}
 
 
 def cases() -> dict:

@@ -3,7 +3,6 @@ RoBERTa-wwm-ext text encoder ("ViLReF", BERT layout without pooler).
 
 Post-LN Transformer encoder, erf GELU, LayerNorm eps from the config, additive attention mask
 with the dtype's minimum on padded keys, exactly as `transformers.BertModel` (eager attention).
-Dropout draws its masks with XLA's threefry by default (models/dropout.py, `BertConfig.dropout_rng`).
 Parameter names follow the HF state dict (`encoder.layer.3.attention.self.query.weight` ->
 `params/encoder/layer_3/attention/self/query/kernel`), so `convert.bert_from_hf_state_dict` is a
 mechanical rename + transpose.
@@ -24,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from retina_jax.models import maybe_remat
-from retina_jax.models.dropout import dropout
 
 TEXT_POOLING_MODES = ("flair", "cls", "masked_mean")
 
@@ -45,8 +43,6 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     add_pooler: bool = True
     pad_token_id: int = 0
-    # Not HF's: what draws the dropout masks (models/dropout.py; `model.txt.dropout_rng`).
-    dropout_rng: str = "xla"
 
     @classmethod
     def from_hf(cls, config_json: Mapping[str, Any] | str | os.PathLike) -> "BertConfig":
@@ -104,7 +100,7 @@ class BertEmbeddings(nn.Module):
             jnp.arange(seq_len)[None, :])  # [1, L, H]
         x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = _layer_norm(c, self.dtype, "LayerNorm")(x)
-        return dropout(c.hidden_dropout_prob, c.dropout_rng)(x, deterministic=deterministic)
+        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -126,7 +122,7 @@ class BertSelfAttention(nn.Module):
         scores = scores + mask_bias  # [B, N, Lq, Lk]; pad keys get the dtype's min
         # Softmax in float32 for stability under bf16 compute (identical in float32).
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = dropout(c.attention_probs_dropout_prob, c.dropout_rng)(probs, deterministic=deterministic)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         out = jnp.einsum("bnqk,bknd->bqnd", probs, v)  # [B, L, N, Dh]
         return out.reshape(out.shape[:2] + (c.hidden_size,))  # [B, L, H]
 
@@ -141,7 +137,7 @@ class BertResidualOutput(nn.Module):
     def __call__(self, x, residual, deterministic: bool):
         c = self.config
         x = _dense(c.hidden_size, self.dtype, "dense")(x)
-        x = dropout(c.hidden_dropout_prob, c.dropout_rng)(x, deterministic=deterministic)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         return _layer_norm(c, self.dtype, "LayerNorm")(x + residual)
 
 
