@@ -25,7 +25,7 @@ $(VENV)/.demo-installed: requirements.txt setup.py | $(VENV)/bin/python
 	@echo "installing the pinned set (requirements.txt) into $(VENV) ..."
 	@$(PIP) -r requirements.txt >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
 	@$(PIP) --no-deps -e . >> $(PIPLOG) 2>&1 || (tail -40 $(PIPLOG); exit 1)
-	$(PY) -c "import retina_jax, jax, flax, optax, orbax.checkpoint, grain, transformers"
+	$(PY) -c "import retina_jax, jax, flax, optax, orbax.checkpoint, grain, tokenizers"
 	touch $@
 
 $(VENV)/.test-installed: requirements-test.txt Makefile $(VENV)/.demo-installed
@@ -43,9 +43,13 @@ demo: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.main --config configs/vilref.py:stage=clip,demo,seed=$(SEED) --workdir $(VILREF_CLIP_WORKDIR)
 	$(PY) -m retina_jax.main --config configs/vilref.py:demo,seed=$(SEED),clip_workdir=$(VILREF_CLIP_WORKDIR) \
 		--workdir $(DEMO_WORKDIR)
+	@echo "plots: $(VILREF_CLIP_WORKDIR)/training_curves.png, $(DEMO_WORKDIR)/training_curves.png, $(DEMO_WORKDIR)/eval_figures.png"
+	@echo "TensorBoard: tensorboard --logdir_spec clip:$(VILREF_CLIP_WORKDIR)/tensorboard,vilref:$(DEMO_WORKDIR)/tensorboard"
 
 demo-flair: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.main --config configs/flair.py:demo --workdir $(FLAIR_DEMO_WORKDIR)
+	@echo "plots: $(FLAIR_DEMO_WORKDIR)/training_curves.png, $(FLAIR_DEMO_WORKDIR)/eval_figures.png"
+	@echo "TensorBoard: tensorboard --logdir $(FLAIR_DEMO_WORKDIR)/tensorboard"
 
 demo-keepfit: $(VENV)/.demo-installed
 	$(PY) -m retina_jax.main --config configs/keepfit.py:demo --workdir $(KEEPFIT_DEMO_WORKDIR)

@@ -34,6 +34,7 @@ setup(
         "absl-py>=2.1,<3",
         "tqdm>=4.66,<5",
         "matplotlib>=3.9,<4",
+        "tensorboardX>=2.6.5,<3",  # TensorBoard event files without TensorFlow (metric_writer.py)
     ],
     extras_require={
         # What the test suite needs (requirements-test.txt pins the same set; tests/test_docs.py
@@ -49,5 +50,5 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     },
-    entry_points={"console_scripts": ["retina-jax=retina_jax.main:run"]},
+    entry_points={"console_scripts": ["retina-jax=retina_jax.commands:main"]},
 )

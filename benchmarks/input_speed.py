@@ -2,7 +2,7 @@
 canvas, images per second on one core, for each decoder, checked against PIL's full decode.
 
 The images are exported the way a user's dataset is (`python -m retina_jax.data.export --format flair_csv
---image-format jpeg`, quality 95) at `--sizes` pixels a side (1200 and 1400: 1.4 and 2.0
+--image_format jpeg`, quality 95) at `--sizes` pixels a side (1200 and 1400: 1.4 and 2.0
 megapixels). Each decoder runs the same chain as the file pipeline (`data/images.decode_image` ->
 `fov_crop` -> `transforms.to_canvas(.., 512, 'flair')`), single-threaded, over every image
 `--repeats` times:
@@ -128,7 +128,7 @@ def area_canvas(data: bytes) -> np.ndarray:
 def export(out: str, n: int, size: int, image_format: str) -> list[bytes]:
     """The bytes of `n` synthetic images exported as a user's dataset is (seed 0)."""
     cmd = [sys.executable, "-m", "retina_jax.data.export", "--format", "flair_csv", "--out", out, "--size", str(n),
-           "--image-size", str(size), "--image-format", image_format]
+           "--image_size", str(size), "--image_format", image_format]
     subprocess.run(cmd, check=True, capture_output=True)
     paths = sorted(glob.glob(os.path.join(out, "images", "*.*")))
     if len(paths) != n:

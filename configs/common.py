@@ -395,6 +395,9 @@ def get_config() -> ml_collections.ConfigDict:
     # process checks its own signal after every step.
     c.train.stop_check_every = 10
     c.train.eval_at_end = True  # run the config.evals entries marked at_end after the last step
+    # A Weights & Biases project to log the metrics to as well ('' = off); needs wandb installed
+    # (not in the pinned set). metrics.jsonl and TensorBoard files are always written.
+    c.train.wandb = ""
 
     # --------------------------------------------------------------------------- held-out data
     # The held-out corpora every evaluator draws from, with seeds no training run uses (validate
@@ -429,6 +432,9 @@ def get_config() -> ml_collections.ConfigDict:
     # runs every `every_steps` training steps (0 = never during training), when training ends if
     # `at_end` (and train.eval_at_end), and always on demand: python -m retina_jax.evaluate --eval NAME.
     c.evals = ml_collections.ConfigDict()
+    # Root folder of the images of the tasks the task-based entries run on (a shipped task's or a
+    # task file's dataframe rows are relative to it); '' = none (the held-out synthetic tasks need none).
+    c.eval_data_root = ""
     c.evals.zero_shot = evaluator("zero_shot", at_end=True)
     c.evals.multilabel_linear_probe = evaluator("multilabel_linear_probe")
     c.evals.multilabel_finetune = evaluator("multilabel_finetune")

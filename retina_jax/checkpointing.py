@@ -27,7 +27,26 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_utils
 
+from retina_jax.errors import CheckpointError, ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class _OrbaxNotices(logging.Filter):
+    """orbax warns about what this module asks for on purpose: opening a manager read-only (two
+    warnings per open), reading the tree metadata of one item's directory, and restoring some of a
+    checkpoint's items (the train state without the data iterator, the variables without Adam's
+    moments). Only these messages are dropped; every other orbax warning still shows."""
+    ASKED_FOR = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+                 "Metadata file does not exist", "was found in the checkpoint, but could not be restored")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (f"{os.sep}orbax{os.sep}" in record.pathname
+                    and any(notice in str(record.msg) for notice in self.ASKED_FOR))
+
+
+# absl.logging (what orbax logs through) writes to the `absl` logger whichever handler is installed.
+logging.getLogger("absl").addFilter(_OrbaxNotices())
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -61,11 +80,22 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
+def checked_step(mngr: ocp.CheckpointManager, step: int | None = None, what: str = "") -> int:
+    """`step`, or the latest step, if a finalized checkpoint of it is in `mngr`'s directory."""
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise CheckpointError(f"{what}no finalized checkpoint in {mngr.directory}: train there first, or give "
+                              "the run directory that holds checkpoints/")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"{what}no checkpoint of step {step} in {mngr.directory}; kept steps: {steps}")
+    return step
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter=None, step: int | None = None):
     """Restore `state` onto `abstract_state`'s shardings; restore `data_iter` in place if given."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no finalized checkpoint in {mngr.directory}")
+    step = checked_step(mngr, step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -127,23 +157,23 @@ def save_variables(out_dir: str, variables: dict, manifest: dict) -> str:
     return out_dir
 
 
-def restore_variables(directory: str, sharding, step: int | None = None) -> dict:
+def restore_variables(directory: str, sharding, step: int | None = None, what: str = "config.model_init") -> dict:
     """`params` and `batch_stats` of another run's or a converted checkpoint (config.model_init, the
     predictor). Only those two trees are read (orbax partial restore): a run's Adam moments, EMA
     copy and queues stay on disk."""
     # orbax reads a relative path's tree metadata as None: `model_init=workdirs/...` is relative.
     directory = os.path.abspath(resolve(directory))
     mngr = manager(directory, read_only=True)
-    step = mngr.latest_step() if step is None else step
-    mngr.close()
-    if step is None:
-        raise FileNotFoundError(f"config.model_init: no finalized checkpoint in {directory}")
+    try:
+        step = checked_step(mngr, step, what=f"{what}: ")
+    finally:
+        mngr.close()
     path = os.path.join(directory, str(step), "state")
     checkpointer = ocp.PyTreeCheckpointer()
     saved = checkpointer.metadata(path).item_metadata
     saved = getattr(saved, "tree", saved)
     if saved is None:
-        raise FileNotFoundError(f"config.model_init: no readable train state at {path}")
+        raise CheckpointError(f"{what}: no readable train state at {path}")
     # A model without BatchNorm (ViT) saved an empty batch_stats tree, which orbax may not list.
     wanted = {k: saved[k] for k in VARIABLE_TREES if saved.get(k)}
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted)
@@ -156,21 +186,22 @@ def _shapes(tree) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def init_from(path: str, params: dict, batch_stats: dict, sharding, trees=()) -> tuple[dict, dict]:
+def init_from(path: str, params: dict, batch_stats: dict, sharding, trees=(), *, step: int | None = None,
+              what: str = "config.model_init") -> tuple[dict, dict]:
     """`config.model_init`: replace the trees of `params` / `batch_stats` that `path` holds.
 
     `trees` (`config.model_init_trees`) restricts the load to those top-level trees, each of which
     the checkpoint must hold (KeepFIT V2 carries only `txt` from stage `text`, not its MLM head).
 
     Strict per top-level tree: a tree the model lacks, or a held tree whose leaves or shapes differ
-    from the model's, is a ValueError listing them. Trees the checkpoint does not hold keep their
+    from the model's, is a ConfigError listing them. Trees the checkpoint does not hold keep their
     fresh initialisation (logged), so towers-only checkpoints load explicitly, never silently.
     """
-    loaded = restore_variables(path, sharding)
+    loaded = restore_variables(path, sharding, step, what)
     if trees:
         absent = sorted(set(trees) - set(loaded["params"]))
         if absent:
-            raise ValueError(f"config.model_init_trees={tuple(trees)}: {absent} not in the checkpoint at {path} "
+            raise ConfigError(f"config.model_init_trees={tuple(trees)}: {absent} not in the checkpoint at {path} "
                              f"(it holds {sorted(loaded['params'])})")
         loaded = {what: {k: v for k, v in tree.items() if k in trees} for what, tree in loaded.items()}
     merged = {}
@@ -185,7 +216,7 @@ def init_from(path: str, params: dict, batch_stats: dict, sharding, trees=()) ->
             problems += [f"{what}/{key}{k}: in the checkpoint, not in the model" for k in extra[:20]]
             problems += [f"{what}/{key}{k}: checkpoint shape {have[k]} vs model {want[k]}" for k in wrong[:20]]
         if problems:
-            raise ValueError(f"config.model_init={path}: {len(problems)} mismatches with the model "
+            raise ConfigError(f"{what}={path}: {len(problems)} mismatches with the model "
                              "(check the config against the checkpoint's manifest.json):\n  " + "\n  ".join(problems))
         merged[what] = {k: (got[k] if k in got else v) for k, v in fresh.items()}
         kept = sorted(set(fresh) - set(got))

@@ -7,6 +7,8 @@ in a second with a readable message instead of minutes into a run.
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
 
 import ml_collections
@@ -35,6 +37,7 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 
 
 DATA_SOURCES = ("synthetic", "files")
+log = logging.getLogger(__name__)
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -46,6 +49,39 @@ def load(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def from_run(workdir: str):
+    """The config a run directory was trained with (its run_info.json), as `retina-jax evaluate` and
+    `predict` read it: this version's defaults with the run's values; its own learned tokenizer;
+    no model_init or resume (the run's own checkpoints hold every weight)."""
+    from configs import common
+    path = os.path.join(workdir, "run_info.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{workdir}: no run_info.json, so not a training run directory (train there first, or "
+                          "pass --config)")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)["config"]
+    config = common.get_config()
+    values = flatten(saved)
+    # Entries keyed by the user's names (datasets, added evaluators) are copied whole.
+    free = {"data.datasets": saved["data"]["datasets"], "data.expert.datasets": saved["data"]["expert"]["datasets"]}
+    with config.unlocked():
+        for field, entries in free.items():
+            node = config.data if field == "data.datasets" else config.data.expert
+            node[field.rsplit(".", 1)[1]] = ml_collections.ConfigDict(entries)
+        for name, entry in saved.get("evals", {}).items():
+            if name not in config.evals:
+                config.evals[name] = ml_collections.ConfigDict(entry)
+    known = flatten(config)  # a run's config may hold fields this version no longer has
+    dropped = sorted(k for k in values if k not in known)
+    if dropped:
+        log.warning("%s: fields this version does not have, ignored: %s", path, dropped)
+    override(config, {k: v for k, v in values.items() if k in known})
+    if config.text.tokenizer == "learn":  # the run learned its vocabulary into its workdir
+        config.text.tokenizer = os.path.join(os.path.abspath(workdir), "tokenizer")
+    config.model_init, config.model_init_trees, config.resume = "", (), ""
+    return config
 
 
 def override(config, fields: dict) -> ml_collections.ConfigDict:
@@ -185,6 +221,8 @@ def validate(config, num_devices: int) -> None:
     check(config.train.epochs > 0, "train.epochs", "must be > 0")
     check(config.train.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
     check(config.train.log_every > 0, "train.log_every", "must be > 0")
+    check(not config.train.wandb or importlib.util.find_spec("wandb") is not None, "train.wandb",
+          f"{config.train.wandb!r} asked for, but wandb is not installed (pip install wandb)")
     check(config.train.stop_check_every > 0, "train.stop_check_every", "must be > 0")
     check(not config.resume or os.path.isdir(config.resume), "resume",
           f"{config.resume!r} is not a checkpoint directory")
@@ -194,7 +232,8 @@ def validate(config, num_devices: int) -> None:
     if config.model_init and os.path.isdir(config.model_init):
         errors += manifest_mismatches(config, config.model_init)
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError(f"invalid config: {errors[0]}" if len(errors) == 1 else
+                          "invalid config:\n  " + "\n  ".join(errors))
 
 
 def flatten(config) -> dict:

@@ -6,7 +6,7 @@ r"""Convert a released PyTorch / Hugging Face checkpoint into one `config.model_
   python -m retina_jax.convert --from vilref vilref_vit_b16.pt --tokenizer chinese-roberta-wwm-ext/ --out ckpt/vilref
   python -m retina_jax.convert --from hf-bert Bio_ClinicalBERT/ --out ckpt/bert
   python -m retina_jax.convert --from torchvision-resnet resnet50-0676ba61.pth --out ckpt/resnet50
-  python -m retina_jax.convert --from openai-clip ViT-B-16.pt --image-size 384 --out ckpt/clip
+  python -m retina_jax.convert --from openai-clip ViT-B-16.pt --image_size 384 --out ckpt/clip
 
 The output directory holds `checkpoints/0` (the `params` / `batch_stats` trees), `manifest.json`
 (source, trees, the config values the model needs, the original's preprocessing, and every key
@@ -28,7 +28,7 @@ import sys
 import jax
 import numpy as np
 
-from retina_jax import checkpointing
+from retina_jax import checkpointing, commands
 from retina_jax.models import importers
 from retina_jax.models.checkpoint_io import read_state_dict
 
@@ -77,9 +77,9 @@ def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | Non
     num_keys = len(state)
     txt_config = _read_json(text_config) if text_config else None
     if image_heads and source_kind not in ("vilref", "openai-clip"):
-        raise ValueError(f"--image-heads applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
+        raise ValueError(f"--image_heads applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
     if (text_heads or txt_config) and source_kind in ("openai-clip", "torchvision-resnet"):
-        raise ValueError(f"--text-heads / --text-config: {source_kind} has no text tower to import")
+        raise ValueError(f"--text_heads / --text_config: {source_kind} has no text tower to import")
     if source_kind in ("flair", "keepfit"):
         converted = importers.import_flair(state, knowledge=source_kind == "keepfit", text_config=txt_config,
                                              text_heads=text_heads)
@@ -96,7 +96,7 @@ def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | Non
         converted = importers.import_hf_bert(state, txt_config or hf_config, text_heads)
         tokenizer = tokenizer or source  # HF directories carry their tokenizer
     if image_size and source_kind not in ("vilref", "openai-clip"):
-        raise ValueError(f"--image-size only applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
+        raise ValueError(f"--image_size only applies to CLIP-layout towers (vilref, openai-clip), not {source_kind}")
 
     config, suggested = dict(converted.config), dict(converted.suggested)
     if "txt" in converted.variables["params"]:
@@ -130,12 +130,12 @@ def convert(source_kind: str, source: str, out_dir: str, *, tokenizer: str | Non
 
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--text-config {path}: not a file (a Hugging Face config.json)")
+        raise FileNotFoundError(f"--text_config {path}: not a file (a Hugging Face config.json)")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--text-config {path}: not JSON ({e})") from e
+        raise ValueError(f"--text_config {path}: not JSON ({e})") from e
 
 
 def train_flags(manifest: dict, out_dir: str) -> str:
@@ -150,18 +150,18 @@ def train_flags(manifest: dict, out_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retina_jax.convert", description=__doc__.split("\n\n")[0],
+    parser = commands.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source_kind", required=True, choices=SOURCES)
     parser.add_argument("source", help="checkpoint file (.pt/.pth/.bin/.safetensors) or Hugging Face directory")
     parser.add_argument("--out", required=True, help="output directory (must not hold a converted checkpoint)")
     parser.add_argument("--tokenizer", help="tokenizer directory (tokenizer.json or vocab.txt) to ship with it")
-    parser.add_argument("--image-size", type=int, help="CLIP towers: resample the learned positions to this size")
-    parser.add_argument("--text-heads", type=int, help="text tower attention heads (default: config.json, else "
+    parser.add_argument("--image_size", type=int, help="CLIP towers: resample the learned positions to this size")
+    parser.add_argument("--text_heads", type=int, help="text tower attention heads (default: config.json, else "
                         "hidden size / 64)")
-    parser.add_argument("--text-config", help="the text tower's Hugging Face config.json (heads, eps, ...)")
-    parser.add_argument("--image-heads", type=int, help="CLIP image tower attention heads (default: CLIP's rule)")
-    parser.add_argument("--trust-pickle", action="store_true",
+    parser.add_argument("--text_config", help="the text tower's Hugging Face config.json (heads, eps, ...)")
+    parser.add_argument("--image_heads", type=int, help="CLIP image tower attention heads (default: CLIP's rule)")
+    parser.add_argument("--trust_pickle", action="store_true",
                         help="allow torch checkpoints that pickle non-tensor objects (executes code from the file)")
     args = parser.parse_args(argv)
     try:

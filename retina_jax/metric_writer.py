@@ -1,4 +1,6 @@
-"""Metric writing from process 0: JSON lines (one object per step) plus a console summary.
+"""Metric writing from process 0: JSON lines (one object per step), TensorBoard event files in
+`<workdir>/tensorboard/` (tensorboardX: no TensorFlow), Weights & Biases when `train.wandb` names a
+project, and a console summary (docs/usage.md, "Run directories").
 
 Metric names follow docs/architecture.md ("The trainer"): `train/loss`, `train/loss_<term>`, `train/lr`,
 `perf/examples_per_sec`, `perf/step_seconds`, `perf/data_wait_seconds`, `eval/<task>/<metric>`.
@@ -19,9 +21,14 @@ from absl import logging
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl", *, wandb_project: str = "",
+                 run_config: dict | None = None):
         self.active = jax.process_index() == 0
+        self.workdir = workdir
         self.path = os.path.join(workdir, filename)
+        self.wandb_project, self.run_config = wandb_project, run_config
+        self._tensorboard = self._wandb = None  # opened on the first write
+        self._opened = 0
         if self.active:
             os.makedirs(workdir, exist_ok=True)
 
@@ -32,6 +39,40 @@ class MetricWriter:
         row.update({k: _scalar(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: float(v) for k, v in row.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tensorboard is None:
+            from tensorboardX import SummaryWriter
+            # A file per opening (pid and count): reopened within the same second, tensorboardX's
+            # time-stamped name would otherwise overwrite the earlier file.
+            self._opened += 1
+            self._tensorboard = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
+                                              filename_suffix=f".{os.getpid()}.{self._opened}")
+        for key, value in scalars.items():
+            self._tensorboard.add_scalar(key, value, int(step))
+        if self.wandb_project:
+            self._wandb_run().log(scalars, step=int(step))
+
+    def _wandb_run(self):
+        """The W&B run of this workdir: its id is kept in the workdir, so a resumed run continues it."""
+        if self._wandb is None:
+            import wandb
+            id_path = os.path.join(self.workdir, "wandb_id.txt")
+            if os.path.isfile(id_path):
+                run_id = open(id_path).read().strip()
+            else:
+                run_id = wandb.util.generate_id()
+                with open(id_path, "w") as f:
+                    f.write(run_id)
+            self._wandb = wandb.init(project=self.wandb_project, id=run_id, resume="allow", dir=self.workdir,
+                                     config=self.run_config)
+        return self._wandb
+
+    def close(self) -> None:
+        """Flush the TensorBoard file (a later write opens it again)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def report(self, name: str, step: int, result: dict, **extra) -> None:
         """An evaluator's metrics: eval/<name>/<metric> rows here and eval_<name>.json beside them."""

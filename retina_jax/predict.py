@@ -1,7 +1,7 @@
 r"""Zero-shot prediction on real photographs with a retina_jax or converted checkpoint
 (FLAIR's transfer protocol, docs/methods.md, "FLAIR"; CLIP/ViLReF preprocessing, "ViLReF").
 
-  python -m retina_jax.predict --checkpoint workdirs/flair_demo \
+  retina-jax predict --checkpoint workdirs/flair_demo \
       --image fundus1.jpg fundus2.png --classes "normal,diabetic retinopathy,glaucoma" [--json out.json]
 
 `--checkpoint` is a training run's directory (its `run_info.json` config and learned tokenizer are
@@ -14,7 +14,6 @@ dictionary knows the class); probabilities are `softmax(s * zimg @ proto.T)`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -25,11 +24,12 @@ import numpy as np
 from jax.sharding import AxisType
 from PIL import Image, UnidentifiedImageError
 
-from retina_jax import checkpointing, sharding
-from retina_jax.config import converted_overrides, flatten, override
+from retina_jax import checkpointing, commands, sharding
+from retina_jax.config import converted_overrides, flatten, from_run, override
 from retina_jax.data import transforms
 from retina_jax.data.tokenizer import Tokenize
 from retina_jax.encoder import Encoder
+from retina_jax.errors import CheckpointError, UserError
 from retina_jax.evals import zeroshot
 from retina_jax.models.two_tower import build_model
 
@@ -47,26 +47,23 @@ def read_image(path: str) -> np.ndarray:
 
 def checkpoint_config(checkpoint: str, tokenizer: str | None = None):
     """The config a checkpoint directory was trained or converted with (common defaults + its values)."""
-    from configs import common
-    config = common.get_config()
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"--checkpoint {checkpoint}: no such directory (a training run directory or a "
+                              "retina-jax convert output)")
     if checkpointing.read_manifest(checkpoint) is not None:
-        values = converted_overrides(checkpoint)
+        from configs import common
+        config = override(common.get_config(), {k: v for k, v in converted_overrides(checkpoint).items()
+                                                if k in flatten(common.get_config())})
+    elif os.path.isfile(os.path.join(checkpoint, "run_info.json")):
+        config = from_run(checkpoint)
     else:
-        run_info = os.path.join(checkpoint, "run_info.json")
-        if not os.path.isfile(run_info):
-            raise FileNotFoundError(f"{checkpoint}: neither a converted checkpoint (manifest.json) nor a training "
-                                    "run directory (run_info.json)")
-        with open(run_info, encoding="utf-8") as f:
-            values = flatten(json.load(f)["config"])
-        if values.get("text.tokenizer") == "learn":  # the run learned its vocabulary into its workdir
-            values["text.tokenizer"] = os.path.join(checkpoint, "tokenizer")
-    known = flatten(config)  # a run's config may hold fields this version no longer has
-    override(config, {k: v for k, v in values.items() if k in known})
+        raise CheckpointError(f"--checkpoint {checkpoint}: neither a converted checkpoint (manifest.json) nor a "
+                              "training run directory (run_info.json)")
     if tokenizer:
         config.text.tokenizer = tokenizer
     if config.text.tokenizer == "learn" or not os.path.isdir(config.text.tokenizer):
-        raise FileNotFoundError(f"{checkpoint}: no tokenizer directory (text.tokenizer={config.text.tokenizer!r}); "
-                                "pass --tokenizer DIR")
+        raise CheckpointError(f"{checkpoint}: no tokenizer directory (text.tokenizer={config.text.tokenizer!r}); "
+                              "pass --tokenizer DIR")
     return config
 
 
@@ -78,7 +75,8 @@ class Predictor:
     encoder: Encoder
 
     @classmethod
-    def load(cls, checkpoint: str, tokenizer: str | None = None) -> "Predictor":
+    def load(cls, checkpoint: str, tokenizer: str | None = None, step: int | None = None) -> "Predictor":
+        """`step`: a checkpoint the run kept (default the latest)."""
         config = checkpoint_config(checkpoint, tokenizer)
         tokenize = Tokenize(config.text.tokenizer, config.text.max_len)
         model = build_model(config.model, tokenize.vocab_size, config.data.image_size, config.text.max_len)
@@ -88,7 +86,7 @@ class Predictor:
             np.zeros((1, config.text.max_len), np.int32), np.ones((1, config.text.max_len), np.int32)))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params, batch_stats = checkpointing.init_from(checkpoint, abstract["params"], abstract.get("batch_stats", {}),
-                                                      device)
+                                                      device, step=step, what=f"--checkpoint {checkpoint}")
         missing = [k for k, v in {**params, **batch_stats}.items()
                    if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(v))]
         if missing:
@@ -166,7 +164,7 @@ def format_table(results: list[dict], classes) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retina_jax.predict", description=__doc__.split("\n\n")[0])
+    parser = commands.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="training run directory or converted checkpoint")
     parser.add_argument("--image", nargs="+", required=True, help="image files (JPEG, PNG, ...; any size)")
     parser.add_argument("--classes", required=True, help="comma-separated class names")
@@ -174,9 +172,10 @@ def main(argv=None) -> int:
                         help="prompt template(s) with {}; default: the run's prompts.templates")
     parser.add_argument("--language", choices=zeroshot.LANGUAGES,
                         help="prompt language; default: the run's prompts.language (zh for ViLReF)")
-    parser.add_argument("--no-descriptions", action="store_true", help="prompt class names only (no expert descriptions)")
+    parser.add_argument("--no_descriptions", action="store_true", help="prompt class names only (no expert descriptions)")
     parser.add_argument("--tokenizer", help="tokenizer directory, if the checkpoint carries none")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--step", type=int, help="the checkpoint of this step (one the run kept); default the latest")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -184,15 +183,14 @@ def main(argv=None) -> int:
         for t in args.template or ():
             if "{}" not in t:
                 raise ValueError(f"--template {t!r} has no {{}} for the class text")
-        predictor = Predictor.load(args.checkpoint, args.tokenizer)
+        predictor = Predictor.load(args.checkpoint, args.tokenizer, args.step)
         templates = tuple(args.template or predictor.config.prompts.templates)
         language = args.language or predictor.config.prompts.language
         print(f"prompts: language {language}, templates {list(templates)}", file=sys.stderr)
         results = predictor.predict(args.image, classes, templates, not args.no_descriptions, args.batch_size,
                                     language)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError, ValueError) as e:  # a missing image or class list included
+        return commands.report_user_error(e)
     print(format_table(results, classes))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from retina_jax import checkpointing, distributed, evals, sharding
+from retina_jax import checkpointing, distributed, evals, plots, sharding
 from retina_jax.config import validate
 from retina_jax.data import files, pipeline
 from retina_jax.data.tokenizer import Tokenize
@@ -64,8 +64,9 @@ class Trainer:
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
         self.encoder = Encoder(self.model, self.tokenize, self.mesh)
-        self.evaluators = evals.build(config, out_dir=os.path.join(self.workdir, "transfer"))
-        self.writer = MetricWriter(self.workdir)
+        self.evaluators = evals.build(config, out_dir=os.path.join(self.workdir, "transfer"),
+                                      data_root=config.eval_data_root or None)
+        self.writer = MetricWriter(self.workdir, wandb_project=config.train.wandb, run_config=config.to_dict())
         self._stop_signal = None
 
     # ------------------------------------------------------------------------------ state
@@ -168,6 +169,9 @@ class Trainer:
                 # that make_global leaves behind.
                 self.skipped_examples += int(batch.get(files.SKIPPED, 0))
                 state, metrics = self.train_step(state, pipeline.make_global(batch, self.batch_sharding))
+                # The host batch lives in grain's shared memory: let it go now, not when an exception's
+                # traceback releases this frame at exit (a "leaked shared_memory" warning).
+                del batch
                 throughput.add(self.global_batch, data_wait)
                 done = step + 1
                 if done % config.train.log_every == 0 or done == self.total_steps:
@@ -194,8 +198,17 @@ class Trainer:
             if progress is not None:
                 progress.close()
             mngr.close()
+            # Stops grain's worker processes and frees the batches they left in shared memory
+            # (else Python's resource tracker warns about "leaked shared_memory objects" at exit).
+            data_iter.close()
         self.state = state
-        return self.evaluate(state, self.total_steps, self._due(self.total_steps)) if config.train.eval_at_end else {}
+        result = self.evaluate(state, self.total_steps, self._due(self.total_steps)) if config.train.eval_at_end else {}
+        self.writer.close()
+        if jax.process_index() == 0:
+            for name, path in plots.plot_run(self.workdir).items():
+                print(f"{name.replace('_', ' ')}: {path}")
+            print(f"TensorBoard: tensorboard --logdir {os.path.join(self.workdir, 'tensorboard')}")
+        return result
 
     def _due(self, step: int) -> list:
         """The evaluators due after `step`: every_steps divides it, or the last step and at_end."""
@@ -225,11 +238,11 @@ class Trainer:
                      info["param_count"], self.steps_per_epoch, start, self.total_steps)
 
     # ------------------------------------------------------------------------------- eval
-    def restore_latest(self) -> TrainState:
-        """The latest checkpoint of this workdir (for `retina_jax.evaluate`)."""
+    def restore_latest(self, step: int | None = None) -> TrainState:
+        """The checkpoint of `step` (default the latest) of this workdir (for `retina_jax.evaluate`)."""
         mngr = checkpointing.manager(checkpointing.checkpoint_dir(self.workdir), read_only=True)
         try:
-            return checkpointing.restore(mngr, self.abstract_state)
+            return checkpointing.restore(mngr, self.abstract_state, step=step)
         finally:
             mngr.close()
 

@@ -278,7 +278,7 @@ def test_jpeg_build_of_pixels(tmp_path):
 def test_cli_builds_synthetic_corpus(tmp_path):
     out = tmp_path / 'ds'
     cmd = [sys.executable, '-m', 'retina_jax.data.build', '--format', 'synthetic', '--size', '6', '--seed', '4',
-           '--image-size', '32', '--out', str(out), '--split', 'val', '--num-shards', '2']
+           '--image_size', '32', '--out', str(out), '--split', 'val', '--num_shards', '2']
     env = {**os.environ, 'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -297,13 +297,13 @@ def test_every_dataset_format_round_trips_through_the_cli(tmp_path, capsys, fmt)
     corpus_ = SyntheticFundus(CorpusSpec(seed=7, size=8, image_size=32, modalities=('CFP', 'FFA', 'OCT'),
                                          expert_fraction=1.0))      # MM-Retinal pairs all have a caption
     path = export.WRITERS[fmt](corpus_, str(tmp_path / 'data'))
-    args = ['--format', fmt, '--input', path, '--out', str(tmp_path / 'ds'), '--num-shards', '2']
-    if fmt == 'jsonl':        # paths are relative to --image-root, wherever the JSONL file is
+    args = ['--format', fmt, '--input', path, '--out', str(tmp_path / 'ds'), '--num_shards', '2']
+    if fmt == 'jsonl':        # paths are relative to --image_root, wherever the JSONL file is
         moved = tmp_path / 'elsewhere' / 'data.jsonl'
         os.makedirs(moved.parent)
         os.replace(path, moved)
         path = str(moved)
-        args[3:4] = [path, '--image-root', str(tmp_path / 'data')]
+        args[3:4] = [path, '--image_root', str(tmp_path / 'data')]
     summary = main(args)
     source = open_input(fmt, path, image_root=str(tmp_path / 'data') if fmt == 'jsonl' else None)
     read = ArrayRecordSource(tmp_path / 'ds', 'train')
@@ -320,7 +320,7 @@ def test_every_dataset_format_round_trips_through_the_cli(tmp_path, capsys, fmt)
     assert defaults == {'eye': '', 'conditions': [], 'dr_grade': -1, 'is_expert': False}
     assert math.isnan(read[0]['cup_to_disc'])
     if fmt == 'flair_csv':    # FLAIR's ban list drops rows at conversion unless told not to
-        everything = main(args[:-2] + ['--split', 'unbanned', '--no-ood-ban'])
+        everything = main(args[:-2] + ['--split', 'unbanned', '--no_ood_ban'])
         assert summary['ood_banned'] > 0 and everything['examples'] == summary['examples'] + summary['ood_banned']
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:        # the CLI reports a clash without a traceback
@@ -339,7 +339,7 @@ def test_cli_on_error_with_a_missing_image_file(tmp_path, capsys):
         main(args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f'{path} line 3: ' in err and 'image file not found' in err
-    summary = main(args + ['--on-error', 'skip'])
+    summary = main(args + ['--on_error', 'skip'])
     assert summary['examples'] == 4 and summary['skipped'] == 1
     assert summary['skipped_messages'][0].startswith(f'{path} line 3: ')
     assert [r['index'] for r in map(ArrayRecordSource(tmp_path / 'ds', 'train').__getitem__, range(4))] == [0, 1, 3, 4]
@@ -347,7 +347,7 @@ def test_cli_on_error_with_a_missing_image_file(tmp_path, capsys):
 
 def test_cli_on_error_with_a_bad_row(tmp_path, capsys):
     # A JSONL line that fails the source's parse-time checks (an empty report) stops the build by
-    # default and, with --on-error skip, is dropped and counted in the summary like a bad image.
+    # default and, with --on_error skip, is dropped and counted in the summary like a bad image.
     path = export.write_jsonl(corpus(5), str(tmp_path / 'data'))
     lines = open(path, encoding='utf-8').read().splitlines()
     lines[1] = json.dumps({**json.loads(lines[1]), 'text': ''})
@@ -356,6 +356,6 @@ def test_cli_on_error_with_a_bad_row(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2 and f'{path} line 2: empty report' in capsys.readouterr().err
-    summary = main(args + ['--on-error', 'skip'])
+    summary = main(args + ['--on_error', 'skip'])
     assert summary['examples'] == 4 and summary['skipped'] == 1
     assert summary['skipped_messages'] == [f'{path} line 2: empty report ("text" is \'\')']

@@ -208,7 +208,7 @@ def test_head_counts_come_from_the_flag_or_config_json_and_an_assumption_is_prin
     assert "model.txt.num_attention_heads" in manifest["assumed"]
     config_json = tmp_path / "config.json"
     config_json.write_text(json.dumps(tmodel.text_model.model.config.to_dict()))
-    for flags, name in ((["--text-heads", "4"], "flag"), (["--text-config", str(config_json)], "config_json")):
+    for flags, name in ((["--text_heads", "4"], "flag"), (["--text_config", str(config_json)], "config_json")):
         out = tmp_path / name
         assert convert_cli.main(["--from", "flair", str(path), "--tokenizer", tokenizer_dir, "--out", str(out),
                                  *flags]) == 0
@@ -217,7 +217,7 @@ def test_head_counts_come_from_the_flag_or_config_json_and_an_assumption_is_prin
         predictor = Predictor.load(str(out))
         predictor.config.data.image_size = 64
         _check_two_tower_parity(tmodel, predictor, _images(64))
-    assert convert_cli.main(["--from", "flair", str(path), "--out", str(tmp_path / "bad"), "--text-heads", "3"]) == 2
+    assert convert_cli.main(["--from", "flair", str(path), "--out", str(tmp_path / "bad"), "--text_heads", "3"]) == 2
     assert "3 heads do not divide the width 128" in capsys.readouterr().err
 
 

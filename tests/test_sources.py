@@ -439,7 +439,7 @@ def test_jpeg_option_writes_jpeg_files(corpus, tmp_path):
 @pytest.mark.parametrize('fmt', sorted(FORMATS))
 def test_export_cli_writes_the_synthetic_corpus(fmt, tmp_path, capsys):
     out = str(tmp_path / fmt)
-    path = export.main(['--format', fmt, '--out', out, '--size', '3', '--seed', '4', '--image-size', '32'])
+    path = export.main(['--format', fmt, '--out', out, '--size', '3', '--seed', '4', '--image_size', '32'])
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith(f'export: wrote 3 synthetic examples (32px, png) as {fmt} to {path}')
     read = open_source(fmt, path, **_kwargs(fmt, out))

@@ -274,7 +274,7 @@ def test_quality_attributes_visible():
 def test_gallery_cli(tmp_path):
     out = tmp_path / 'g.png'
     proc = subprocess.run([sys.executable, '-m', 'retina_jax.data.gallery', '--out', str(out), '--n', '3',
-                           '--image-size', '64', '--seed', '1'], capture_output=True, text=True, timeout=60)
+                           '--image_size', '64', '--seed', '1'], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     im = Image.open(out)
     assert im.format == 'PNG' and im.size[0] > 64 * 3 and im.size[1] > 64

@@ -50,7 +50,7 @@ a known modality) raise `DataError` naming the example the same way.
 
 CLI: ``python -m retina_jax.data.build --format F [--input PATH] --out DIR [--split S] ...`` with a
 tqdm progress bar and a one-line summary; ``--format synthetic`` builds the embedded corpus
-(``--size N --seed S --image-size P``), the other formats are read with ``open_source``.
+(``--size N --seed S --image_size P``), the other formats are read with ``open_source``.
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tqdm import tqdm
 
+from retina_jax import commands
 from retina_jax.data import sources
 from retina_jax.data.export import IMAGE_FORMATS, encode_image
 from retina_jax.data.images import DataError, decode_image
@@ -393,6 +394,13 @@ class ArrayRecordSource:
         return f'ArrayRecordSource({self.path!r}, {self.split!r})'
 
     def __getitem__(self, index: int) -> dict:
+        return self._build(index, decode=True)
+
+    def record(self, index: int) -> dict:
+        """The example without its image (`image` None): texts and labels, nothing decoded."""
+        return self._build(index, decode=False)
+
+    def _build(self, index: int, decode: bool) -> dict:
         index = operator.index(index)
         if not 0 <= index < self._length:
             raise IndexError(f'index {index} out of range for {self!r} of length {self._length}')
@@ -400,7 +408,7 @@ class ArrayRecordSource:
         where = r['where'].decode('utf-8') or f'{self.path} {self.split}[{index}]'
         example = {k: r[k].decode('utf-8') for k in TEXT_FIELDS}
         example.update({k: [v.decode('utf-8') for v in r[k]] for k in LIST_FIELDS})
-        example.update(index=int(r['index']), image=decode_image(r['image'], where), where=where,
+        example.update(index=int(r['index']), image=decode_image(r['image'], where) if decode else None, where=where,
                        labels=np.asarray(r['labels'], np.uint8), dr_grade=int(r['dr_grade']),
                        cup_to_disc=float(r['cup_to_disc']), is_expert=bool(r['is_expert']))
         return example
@@ -437,24 +445,24 @@ def open_input(fmt: str, path: str | None = None, *, image_root: str | None = No
 def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI (see the module docstring); bad input or a clash with the dataset in --out exits with status 2
     and the message (which names the file and row) instead of a traceback."""
-    ap = argparse.ArgumentParser(prog='python -m retina_jax.data.build', description=__doc__,
+    ap = commands.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--format', required=True, choices=FORMATS)
     ap.add_argument('--input', default=None, help='CSV / JSONL file or LMDB split directory (not for synthetic)')
-    ap.add_argument('--image-root', default=None,
+    ap.add_argument('--image_root', default=None,
                     help='directory the CSV / JSONL image paths are relative to (default: the --input directory)')
-    ap.add_argument('--label-names', default=None,
+    ap.add_argument('--label_names', default=None,
                     help='comma-separated label list the labels are read against (default: the corpus findings)')
-    ap.add_argument('--no-ood-ban', action='store_true',
+    ap.add_argument('--no_ood_ban', action='store_true',
                     help="flair_csv: keep the rows FLAIR's out-of-distribution ban list drops (e.g. an evaluation set)")
     ap.add_argument('--out', required=True, help='dataset directory (gets dataset_info.json and the shards)')
     ap.add_argument('--split', default='train')
     ap.add_argument('--size', type=int, default=100, help='synthetic: number of examples')
     ap.add_argument('--seed', type=int, default=0, help='synthetic: corpus seed')
-    ap.add_argument('--image-size', type=int, default=512, help='synthetic: image side in pixels')
-    ap.add_argument('--image-format', default='png', choices=sorted(IMAGE_FORMATS))
-    ap.add_argument('--num-shards', type=int, default=None, help='default: chosen by tfds from the split size')
-    ap.add_argument('--on-error', default='raise', choices=ON_ERROR)
+    ap.add_argument('--image_size', type=int, default=512, help='synthetic: image side in pixels')
+    ap.add_argument('--image_format', default='png', choices=sorted(IMAGE_FORMATS))
+    ap.add_argument('--num_shards', type=int, default=None, help='default: chosen by tfds from the split size')
+    ap.add_argument('--on_error', default='raise', choices=ON_ERROR)
     ap.add_argument('--overwrite', action='store_true', help='rebuild a split that already exists in --out')
     args = ap.parse_args(argv)
     if (args.format == 'synthetic') == (args.input is not None):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import csv
 import io
 import json
@@ -38,6 +39,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from configs import common
+from retina_jax import commands
 from retina_jax.data import knowledge
 from retina_jax.data.images import DataError
 from retina_jax.data.sources import FORMATS
@@ -47,6 +50,7 @@ __all__ = ['IMAGE_FORMATS', 'WRITERS', 'encode_image', 'main', 'write_flair_csv'
            'write_vilref_lmdb']
 
 IMAGE_FORMATS = {'png': 'PNG', 'jpeg': 'JPEG'}
+TASK_CLASSES = common.SYNTHETIC_TASK_CLASSES  # `--task`: the held-out zero-shot task's conditions
 _EXTENSIONS = {'png': 'png', 'jpeg': 'jpg'}
 # Chinese-CLIP's map size: LMDB reserves address space, the file grows only with what is written.
 _LMDB_MAP_SIZE = 1024 ** 4
@@ -180,28 +184,55 @@ WRITERS = {
 assert set(WRITERS) == set(FORMATS)
 
 
+def write_task(out_dir: str) -> str:
+    """`out_dir/task.json`: the synthetic zero-shot conditions as a task over `out_dir/dataframe.csv`
+    (a row's label is its first category, its primary condition), named after the folder; the start
+    of a user's own task file (format: retina_jax/evals/tasks.py)."""
+    from retina_jax.evals import tasks
+    name = os.path.basename(os.path.abspath(out_dir))
+    task = tasks.load_task('synthetic_conditions')
+    task = dataclasses.replace(task, name=name, source='export',
+                               # findings and comorbidities a row lists after its condition decide nothing
+                               other_categories=tuple(c for c in knowledge.category_vocabulary() if c not in task.classes),
+                               dataframe='dataframe.csv', reference='python -m retina_jax.data.export --task',
+                               notes='Exported synthetic examples; images and dataframe.csv relative to the data root '
+                                     f'(--data_root {out_dir}).')
+    path = os.path.join(out_dir, 'task.json')
+    tasks.save_task(task, path)
+    return path
+
+
 def main(argv=None) -> str:
     from tqdm import tqdm
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = commands.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--format', required=True, choices=sorted(WRITERS))
     ap.add_argument('--out', required=True, help='output directory')
     ap.add_argument('--size', type=int, required=True, help='number of examples')
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--image-size', type=int, default=512)
-    ap.add_argument('--image-format', choices=sorted(IMAGE_FORMATS), default='png')
+    ap.add_argument('--image_size', type=int, default=512)
+    ap.add_argument('--image_format', choices=sorted(IMAGE_FORMATS), default='png')
     ap.add_argument('--modalities', default='CFP', help=f'comma-separated subset of {",".join(MODALITIES)}')
+    ap.add_argument('--task', action='store_true',
+                    help='flair_csv: also write task.json, a classification task over the exported rows (their '
+                         'primary condition), for the --task flag of train and evaluate (with --data_root OUT)')
     args = ap.parse_args(argv)
     if args.size < 1:
         ap.error('--size must be >= 1')
+    if args.task and args.format != 'flair_csv':
+        ap.error('--task writes a task over a flair_csv dataframe: use --format flair_csv')
     spec = CorpusSpec(seed=args.seed, size=args.size, image_size=args.image_size,
                       modalities=tuple(m.strip() for m in args.modalities.split(',')),
-                      **({'expert_fraction': 1.0} if args.format == 'mmretinal_csv' else {}))
+                      **({'expert_fraction': 1.0} if args.format == 'mmretinal_csv' else {}),
+                      # The task's rows are labelled by their primary condition: draw only its classes.
+                      **({'conditions': TASK_CLASSES} if args.task else {}))
     source = SyntheticFundus(spec)
     start = time.perf_counter()
     path = WRITERS[args.format](source, args.out, tqdm(range(len(source)), desc=f'export {args.format}'),
                                 image_format=args.image_format)
     seconds = time.perf_counter() - start
+    if args.task:
+        print(f'export: wrote the task file {write_task(args.out)}')
     print(f'export: wrote {len(source)} synthetic examples ({args.image_size}px, {args.image_format}) as {args.format} '
           f'to {path} in {seconds:.1f} s ({len(source) / seconds:.1f} examples/s)')
     return path

@@ -52,7 +52,7 @@ def open_dataset(config, entry):
     if fmt == "arrayrecord":
         source = build.ArrayRecordSource(entry.path, entry.get("split", "train"))
         if tuple(source.label_names) != labels:
-            raise ValueError(f"its label names {tuple(source.label_names)} differ from the configured {labels}")
+            raise images.DataError(f"its label names {tuple(source.label_names)} differ from the configured {labels}")
         return source
     if fmt not in sources.FORMATS:
         raise ValueError(f"unknown format {fmt!r}; allowed: {FORMATS}")
@@ -73,10 +73,10 @@ def open_datasets(config, datasets=None, field: str = "data.datasets") -> dict[s
         where = f"{field}.{name} ({entry.format} at {entry.path!r})"
         try:
             opened[name] = open_dataset(config, entry)
-        except (OSError, ValueError) as e:  # DataError is a ValueError
-            raise ValueError(f"{where}: {e}") from e
+        except (OSError, images.DataError) as e:
+            raise images.DataError(f"{where}: {e}") from e
         if not len(opened[name]):
-            raise ValueError(f"{where} has no examples")
+            raise images.DataError(f"{where} has no examples")
     return opened
 
 

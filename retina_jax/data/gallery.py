@@ -1,9 +1,9 @@
 """Render a PNG contact sheet of synthetic fundus samples with their labels and reports.
 
-    python -m retina_jax.data.gallery --out gallery.png [--n 12] [--seed 0] [--image-size 256]
-        [--modalities CFP,FFA,OCT [--row-per-modality]] [--expert-fraction 1.0]
+    python -m retina_jax.data.gallery --out gallery.png [--n 12] [--seed 0] [--image_size 256]
+        [--modalities CFP,FFA,OCT [--row_per_modality]] [--expert_fraction 1.0]
 
-With --row-per-modality each listed modality gets a row showing the same --n eyes (an example's
+With --row_per_modality each listed modality gets a row showing the same --n eyes (an example's
 modality is drawn apart from its findings, so one index is one eye in every modality).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
+from retina_jax import commands
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 
 _CJK_PATTERNS = ('*NotoSansCJK*', '*NotoSerifCJK*', '*NotoSansSC*', '*NotoSansTC*', '*wqy*', '*WenQuanYi*', '*SimHei*',
@@ -106,18 +107,18 @@ def make_gallery(n: int = 12, seed: int = 0, image_size: int = 256, cols: int | 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = commands.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--out', required=True, help='output PNG path')
     ap.add_argument('--n', type=int, default=12)
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--image-size', type=int, default=256)
+    ap.add_argument('--image_size', type=int, default=256)
     ap.add_argument('--cols', type=int, default=None)
     ap.add_argument('--difficulty', type=float, default=0.0)
     ap.add_argument('--conditions', default=None, help='comma-separated subset of conditions')
-    ap.add_argument('--single-condition', action='store_true')
+    ap.add_argument('--single_condition', action='store_true')
     ap.add_argument('--modalities', default=None, help='comma-separated subset of CFP,FFA,OCT (drawn uniformly per example)')
-    ap.add_argument('--row-per-modality', action='store_true', help='one row per --modalities entry, the same --n eyes in each')
-    ap.add_argument('--expert-fraction', type=float, default=None, help='share of examples with an expert caption')
+    ap.add_argument('--row_per_modality', action='store_true', help='one row per --modalities entry, the same --n eyes in each')
+    ap.add_argument('--expert_fraction', type=float, default=None, help='share of examples with an expert caption')
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error('--n must be >= 1')
@@ -128,7 +129,7 @@ def main(argv=None):
         kw['expert_fraction'] = args.expert_fraction
     modalities = tuple(m.strip() for m in args.modalities.split(',')) if args.modalities else None
     if args.row_per_modality and not modalities:
-        ap.error('--row-per-modality needs --modalities')
+        ap.error('--row_per_modality needs --modalities')
     if modalities and not args.row_per_modality:
         kw['modalities'] = modalities
     sheet = make_gallery(args.n, args.seed, args.image_size, args.cols,

@@ -62,6 +62,8 @@ import simplejpeg
 from PIL import Image, ImageFile
 from scipy import ndimage
 
+from retina_jax.errors import UserError
+
 __all__ = ['DataError', 'FOV_THRESHOLD', 'FOV_MIN_AREA', 'decode_image', 'fov_box', 'fov_crop']
 
 FOV_THRESHOLD = 20
@@ -70,7 +72,7 @@ FOV_MIN_AREA = 0.01
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message starts with where it happened (file and row / LMDB key / JSONL line)."""
 
 

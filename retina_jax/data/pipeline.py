@@ -99,8 +99,11 @@ def heldout_source(config) -> SyntheticFundus:
 
 
 def vocabulary_texts(config) -> list[str]:
-    """Texts a learned vocabulary must cover: every prompt word, description, attribute, report and
-    zero-shot template (Chinese texts too when the run trains on Chinese reports)."""
+    """Texts a learned vocabulary must cover: every prompt word, description, attribute and
+    zero-shot template (Chinese texts too when the run trains on Chinese reports), the classes and
+    descriptions of the tasks it evaluates on, and up to `text.vocab_corpus_size` examples of every
+    corpus it trains on: the synthetic corpus, or with data.source='files' each dataset on disk
+    (read without decoding an image)."""
     modalities = MODALITY_NAMES if "{modality}" in config.data.prompt_template else ("CFP",)
     texts = [make_prompt(config.data.prompt_template, atr, "", modality)
              for atr in ("",) + knowledge.ATTRIBUTES for modality in modalities]
@@ -111,21 +114,46 @@ def vocabulary_texts(config) -> list[str]:
     chinese = config.data.stream == "reports" and config.data.reports.language == "zh"
     if chinese or config.prompts.language == "zh":
         texts += [d for descriptions in knowledge.CATEGORY_DESCRIPTIONS_ZH.values() for d in descriptions]
-    source = synthetic_source(config)
-    for i in range(min(config.text.vocab_corpus_size, len(source))):
-        record = source.record(i)
-        texts.append(record["report_en"])
-        if chinese:
-            texts.append(record["report_zh"])
-        if record["caption"]:
-            texts.append(record["caption"])
-    if config.data.expert.enabled or config.mlm.enabled:
-        expert = expert_source(config)
-        texts += [expert.record(i)["caption"] for i in range(min(config.text.vocab_corpus_size, len(expert)))]
+    texts += _task_texts(config)
+    n = config.text.vocab_corpus_size
+
+    def report_texts(record):  # this order is the one every demo's vocabulary was learned with
+        return [record["report_en"], *([record["report_zh"]] if chinese else []), record["caption"]]
+
+    def caption_texts(record):
+        return [record["caption"], *([record["report_zh"]] if chinese else [])]
+
+    if config.data.source == "files":
+        # A category or attribute reaches the text tower inside the prompt: its words are learned too.
+        corpora = [(source, lambda r: [*report_texts(r), *r["categories"], *r["atributes"]])
+                   for source in files.open_datasets(config).values()]
+    else:
+        corpora = [(synthetic_source(config), report_texts)]
+    if config.data.expert.enabled and config.data.expert.datasets:
+        corpora += [(source, caption_texts) for source in files.open_datasets(
+            config, config.data.expert.datasets, "data.expert.datasets").values()]
+    if (config.data.expert.enabled and not config.data.expert.datasets) or config.mlm.enabled:
+        corpora.append((expert_source(config), lambda r: [r["caption"]]))
+    for corpus, fields in corpora:
+        texts += [t for i in range(min(n, len(corpus))) for t in fields(corpus.record(i))]
     if config.mlm.enabled and config.mlm.corpus != "synthetic":
         corpus = text_source(config)
-        texts += [corpus[i] for i in range(min(config.text.vocab_corpus_size, len(corpus)))]
-    return texts
+        texts += [corpus[i] for i in range(min(n, len(corpus)))]
+    return [t for t in texts if t]
+
+
+def _task_texts(config) -> list[str]:
+    """The class names and prompt texts of the shipped or user task files the run's evaluations use."""
+    from retina_jax import evals
+    from retina_jax.evals import tasks
+    out = []
+    for name in evals.active(config):
+        task = config.evals[name].get("task", "")
+        if task and (task.endswith(".json") or task in tasks.list_tasks()):
+            t = tasks.load_task(task)
+            out += [*t.classes, *(d for ds in t.descriptions.values() for d in ds),
+                    *(d for ds in t.descriptions_zh.values() for d in ds)]
+    return out
 
 
 def prepare_tokenizer(config, workdir: str) -> str:
@@ -414,11 +442,24 @@ def worker_count(requested: int) -> int:
     return max(1, min(32, cores - 1))
 
 
+# grain's worker processes hand batches over in shared memory; the ones still in flight when a run
+# stops (an error, the end of a run) are unlinked by Python's resource tracker at exit, as intended,
+# which then warns of "leaked shared_memory objects" (grain issue #398). The filter is given to the
+# tracker process alone (it is started with the interpreter's -W options) and only for its own module.
+_TRACKER_FILTER = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
+def quiet_resource_tracker() -> None:
+    if _TRACKER_FILTER not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_FILTER)
+
+
 def _prefetch(config, it: grain.IterDataset) -> grain.IterDataset:
     workers = worker_count(config.data.worker_count)
     if workers > 0:
         logging.info("input pipeline: %d grain worker process(es), %d batches buffered each (data.worker_count=%d)",
                      workers, config.data.worker_buffer_size, config.data.worker_count)
+        quiet_resource_tracker()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=config.data.worker_buffer_size))
     return it

@@ -116,6 +116,13 @@ class _RowSource(_Source):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def __getitem__(self, index: int) -> dict:
+        return self._build(index, decode=True)
+
+    def record(self, index: int) -> dict:
+        """The example without its image (`image` None): its texts and labels, nothing decoded."""
+        return self._build(index, decode=False)
+
 
 def _read_csv(csv_path: str, required: dict[str, tuple]) -> tuple[dict[str, str | None], list[tuple[int, dict]]]:
     """-> ({role: the column used, None when an optional role has none}, [(data row, cells)]) where
@@ -229,11 +236,11 @@ class FlairCsvSource(_RowSource):
         return (f'FlairCsvSource({self.csv_path!r}, {self.image_root!r}, ood_ban={self.ood_ban}, '
                 f'rows={len(self._rows)}, banned={self.banned}, bad_rows={len(self.bad_rows)})')
 
-    def __getitem__(self, index: int) -> dict:
+    def _build(self, index: int, decode: bool) -> dict:
         index = self._position(index)
         where, image, categories, atributes, labels = self._rows[index]
-        return _example(index, where, decode_image(os.path.join(self.image_root, image), where), labels.copy(),
-                        categories=categories, atributes=atributes)
+        return _example(index, where, decode_image(os.path.join(self.image_root, image), where) if decode else None,
+                        labels.copy(), categories=categories, atributes=atributes)
 
 
 def _modality(value: str | None, image: str, where: str) -> str:
@@ -296,10 +303,10 @@ class CaptionCsvSource(_RowSource):
         return (f'CaptionCsvSource({self.csv_path!r}, {self.image_root!r}, rows={len(self._rows)}, '
                 f'bad_rows={len(self.bad_rows)})')
 
-    def __getitem__(self, index: int) -> dict:
+    def _build(self, index: int, decode: bool) -> dict:
         index = self._position(index)
         where, image, caption, caption_zh, modality = self._rows[index]
-        return _example(index, where, decode_image(os.path.join(self.image_root, image), where),
+        return _example(index, where, decode_image(os.path.join(self.image_root, image), where) if decode else None,
                         np.zeros(len(self.label_names), np.uint8), report_en=caption, report_zh=caption_zh,
                         caption=caption, modality=modality)
 
@@ -399,6 +406,13 @@ class VilrefLmdbSource(_Source):
         return self._envs
 
     def __getitem__(self, index: int) -> dict:
+        return self._build(index, decode=True)
+
+    def record(self, index: int) -> dict:
+        """The pair without its image (`image` None): the report and labels, the image never read."""
+        return self._build(index, decode=False)
+
+    def _build(self, index: int, decode: bool) -> dict:
         index = self._position(index)
         pairs, imgs = self._environments()
         where = f'{self.pairs_path} key {index}'
@@ -417,6 +431,8 @@ class VilrefLmdbSource(_Source):
         if not isinstance(raw_text, str) or not raw_text.strip():
             raise DataError(f'{where}: empty report (raw_text {raw_text!r})')
         labels = _label_vector(label, self.label_names, where)
+        if not decode:
+            return _example(index, where, None, labels, report_zh=raw_text)
         image_where = f'{self.imgs_path} key {image_id} (pairs key {index})'
         with imgs.begin() as txn:
             encoded = txn.get(str(image_id).encode('utf-8'))
@@ -493,10 +509,11 @@ class JsonlSource(_RowSource):
         return (f'JsonlSource({self.path!r}, {self.image_root!r}, rows={len(self._rows)}, '
                 f'labels={len(self.label_names)}, bad_rows={len(self.bad_rows)})')
 
-    def __getitem__(self, index: int) -> dict:
+    def _build(self, index: int, decode: bool) -> dict:
         index = self._position(index)
         where, image, text, language, labels, categories, modality, eye = self._rows[index]
-        return _example(index, where, decode_image(os.path.join(self.image_root, image), where), labels.copy(),
+        return _example(index, where, decode_image(os.path.join(self.image_root, image), where) if decode else None,
+                        labels.copy(),
                         categories=categories, caption=text, modality=modality, eye=eye,
                         **{f'report_{language}': text})
 

@@ -58,6 +58,7 @@ from retina_jax.data import knowledge, pipeline, transforms
 from retina_jax.data.synthetic import CorpusSpec, SyntheticFundus
 from retina_jax.evals import adapters, finetune as finetune_lib, linear_probe, report, retrieval, splits, tasks, zeroshot
 from retina_jax.evals import segmentation_transfer as segmentation_lib
+from retina_jax.errors import ConfigError
 from retina_jax.evals.base import Evaluator, register
 from retina_jax.evals.metrics import classification_metrics, multilabel_metrics
 
@@ -196,6 +197,45 @@ DEFAULT_TASKS = {"multilabel": FINDINGS_TASK, "retrieval": REPORTS_TASK, "segmen
 
 def synthetic_task_names(config) -> list[str]:
     return [config.heldout.conditions.name, *SYNTHETIC_TASKS]
+
+
+# The entries `retina-jax train --task T` runs when --eval names none, by the task's kind.
+TASK_ENTRIES = {"classification": ("transfer_zero_shot", "transfer_linear_probe"),
+                "multilabel": ("multilabel_linear_probe",), "retrieval": ("transfer_retrieval",),
+                "segmentation": ()}
+
+
+def task_kind(config, name: str) -> str:
+    """The kind of task `name` without reading its images: a held-out synthetic task's, or its task file's."""
+    if name == config.heldout.conditions.name or name in (EXTERNAL_TASK, DR_GRADE_TASK):
+        return "classification"
+    if name in SYNTHETIC_TASKS:
+        return next(kind for kind, task in DEFAULT_TASKS.items() if task == name)
+    if name in tasks.list_tasks() or name.endswith(".json"):
+        try:
+            return tasks.load_task(name).kind
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--task {name!r}: {e}") from e
+    raise ConfigError(f"--task {name!r}: unknown task; known: {synthetic_task_names(config) + tasks.list_tasks()} "
+                      "or a task .json file (format: retina_jax/evals/tasks.py)")
+
+
+def default_entries(config, name: str) -> list[str]:
+    """The config.evals entries that evaluate task `name` when none is named (TASK_ENTRIES)."""
+    kind = task_kind(config, name)
+    entries = [e for e in TASK_ENTRIES[kind] if e in config.evals]
+    if not entries:
+        raise ConfigError(f"--task {name!r} is a {kind} task: name the entries that evaluate it with --eval")
+    return entries
+
+
+def runs_on_synthetic(config, name: str) -> bool:
+    """Whether entry `name` evaluates on a held-out synthetic corpus: the in-training evaluators
+    always; a task-based entry when its task is one of the synthetic tasks (or left to its default)."""
+    settings = config.evals[name]
+    if "task" not in settings:
+        return True  # zero_shot, captions, mlm_heldout, transfer_segmentation: the held-out corpora
+    return not settings.task or settings.task in synthetic_task_names(config)
 
 
 def load_task(config, name: str, data_root: str | None = None, *, size: int = RETRIEVAL_SIZE) -> TaskData:

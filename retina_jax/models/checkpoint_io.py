@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Mapping
 
 import numpy as np
@@ -40,7 +41,19 @@ def _to_numpy(value, key: str, path: str) -> np.ndarray:
     raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor: not a state dict")
 
 
+def _is_torch_file(path: str) -> bool:
+    """torch.save writes a zip archive (since 1.6) or a pickle (protocol 2, first byte 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _load_pickle(path: str, trust_pickle: bool) -> Mapping:
+    if not _is_torch_file(path):
+        # Otherwise torch's weights-only unpickler calls any file one that "pickles objects other than tensors".
+        raise ValueError(f"{path} is not a checkpoint: neither a torch file (zip archive or pickle), a .safetensors "
+                         "file nor a Hugging Face model directory")
     torch = _torch()
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
@@ -52,7 +65,7 @@ def _load_pickle(path: str, trust_pickle: bool) -> Mapping:
     except Exception as e:
         if not trust_pickle and "weights_only" in str(e):
             raise ValueError(f"{path}: the checkpoint pickles objects other than tensors; if you trust the file, "
-                             "pass --trust-pickle (it executes code from the file)") from e
+                             "pass --trust_pickle (it executes code from the file)") from e
         raise ValueError(f"{path}: cannot be read as a torch checkpoint: {e}") from e
 
 

@@ -312,7 +312,7 @@ def infer_bert_config(state: Mapping, hf_config: Mapping | None = None, heads: i
         return dataclasses.replace(config, add_pooler="pooler.dense.weight" in state)
     vocab, hidden = np.shape(state["embeddings.word_embeddings.weight"])
     heads = _heads(heads, hidden, hidden // 64, "model.txt.num_attention_heads", f"hidden size {hidden} / head dim 64",
-                   "--text-heads N or --text-config config.json", assumed)
+                   "--text_heads N or --text_config config.json", assumed)
     return BertConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=_count(state, r"encoder\.layer\.(\d+)\."),
         num_attention_heads=heads,
@@ -372,7 +372,7 @@ def infer_clip_vision(state: Mapping, image_size: int | None = None, heads: int 
         width = np.shape(state["conv1.weight"])[0]
         grid = int(round(math.sqrt(np.shape(state["positional_embedding"])[0] - 1)))
         heads = _heads(heads, width, width // 64, "model.img.vit.heads", f"CLIP's rule: width {width} / 64",
-                       "--image-heads N", assumed)
+                       "--image_heads N", assumed)
         model = VisionTransformer(patch_size=patch, width=width,
                                   layers=_count(state, r"transformer\.resblocks\.(\d+)\."), heads=heads,
                                   mlp_dim=np.shape(state["transformer.resblocks.0.mlp.c_fc.weight"])[0],
@@ -386,7 +386,7 @@ def infer_clip_vision(state: Mapping, image_size: int | None = None, heads: int 
         layers = tuple(_count(state, rf"layer{i}\.(\d+)\.") for i in range(1, 5))
         grid = int(round(math.sqrt(np.shape(state["attnpool.positional_embedding"])[0] - 1)))
         heads = _heads(heads, width * 32, width * 32 // 64, "model.img.clip_resnet.heads",
-                       f"CLIP's rule: width {width} x 32 / 64", "--image-heads N", assumed)
+                       f"CLIP's rule: width {width} x 32 / 64", "--image_heads N", assumed)
         model = ModifiedResNet(layers=layers, width=width, heads=heads,
                                output_dim=np.shape(state["attnpool.c_proj.weight"])[0],
                                image_size=image_size or grid * 32)
