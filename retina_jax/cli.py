@@ -10,13 +10,15 @@ checks as it checks a config file.
 """
 from __future__ import annotations
 
+import difflib
 import os
 
 import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from retina_jax import evals
+from retina_jax import commands, evals
+from retina_jax import config as config_lib
 from retina_jax.errors import ConfigError
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/flair.py:demo.",
@@ -146,3 +148,80 @@ def trainer_from_flags(argv):
     if CONFIG.value is None:
         raise ConfigError("--config is required, e.g. --config configs/flair.py:demo")
     return trainer(train_config(), WORKDIR.value, argv)
+
+
+# The last line of a config file's traceback that config_flags wraps into its flag error: these
+# exception types are the user's (a wrong config argument or file); others are a bug in the file.
+_USER_EXCEPTIONS = ("ConfigError", "ValueError", "FileNotFoundError", "KeyError", "DataError", "CheckpointError")
+
+
+def flag_error_line(message: str) -> str | None:
+    """absl's flag error as one line, or None when it wraps a config file's programming error."""
+    if "Traceback (most recent call last)" not in message:
+        return message.strip().splitlines()[0] + "  (--help lists the flags)"
+    head = message.strip().splitlines()[0].rstrip(":")
+    last = [line.strip() for line in message.strip().splitlines() if line.strip()][-1]
+    kind, _, text = last.partition(": ")
+    if kind.rsplit(".", 1)[-1] not in _USER_EXCEPTIONS:
+        return None
+    return f"{head.split(': Error whilst')[0]}: {text.strip(chr(34) + chr(39))}"
+
+
+def bad_override(argv) -> str:
+    """The first `--config.a.b=...` override that names no field, with the closest field names."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv[:-1]:
+        spec = argv[argv.index("--config") + 1]
+    config = config_lib.load(spec) if spec else None
+    for arg in argv:
+        if not arg.startswith("--config.") or config is None:
+            continue
+        path = arg[len("--config."):].partition("=")[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                near = difflib.get_close_matches(key, list(node.keys()) if hasattr(node, "keys") else [], n=3)
+                where = ".".join(["config", *path[:depth]])
+                return (f"--config.{'.'.join(path)}: {where} has no field {key!r}"
+                        + (f"; did you mean {', '.join(near)}?" if near else ""))
+            node = node[key]
+    return "a --config.<field> override names no config field"
+
+
+def absl_help(doc: str, module: str) -> str:
+    """A command's docstring and its flags: those of retina_jax/cli.py and of its own module (absl's
+    --help lists only the flags of `__main__`, which under `retina-jax` is this dispatcher)."""
+    by_module = flags.FLAGS.flags_by_module_dict()
+    parts = [doc.strip(), "", "flags:"]
+    for name in dict.fromkeys(("retina_jax.cli", module, "__main__")):
+        if name in by_module:
+            parts.append(flags.FLAGS.module_help(name))
+    return "\n".join(parts)
+
+
+def run_absl(main, doc: str, module: str) -> None:
+    """`absl.app.run(main)` with the flag style, a --help of the command's own flags (`absl_help`)
+    and the user-error rule: a bad flag, config file argument or override is one `error:` line and
+    exit code 2 (absl's own would print a usage block, or a traceback for a misspelt override)."""
+    from absl import app
+
+    def parse(argv):
+        argv = commands.normalize_flags(argv)
+        if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+            print(absl_help(doc, module))
+            raise SystemExit(0)
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            line = flag_error_line(str(e))
+            if line is None:
+                raise
+            raise SystemExit(commands.report_user_error(line)) from None
+        except (AttributeError, KeyError):  # config_flags on an override of a field that does not exist
+            raise SystemExit(commands.report_user_error(bad_override(argv))) from None
+
+    def guarded(argv):
+        with commands.user_errors():
+            return main(argv)
+
+    app.run(guarded, flags_parser=parse)

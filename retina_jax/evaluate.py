@@ -101,9 +101,7 @@ def main(argv):
             if "report" in written:
                 results[evaluator.name]["report"] = written["report"]["markdown"]
     trainer.writer.close()
-    if jax.process_index() == 0:  # the evaluation rows just written join the run's plots
-        for name, path in plots.plot_run(trainer.workdir).items():
-            logging.info("%s: %s", name.replace("_", " "), path)
+    plots.report(trainer.workdir)  # the evaluation rows just written join the run's plots
     print(json.dumps(results, indent=2))
 
 
@@ -123,7 +121,7 @@ def with_run_config(argv: list[str]) -> list[str]:
 
 def run():
     sys.argv = with_run_config(sys.argv)
-    commands.run_absl(main, __doc__, __name__)
+    cli.run_absl(main, __doc__, __name__)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import json
 
 from absl import logging
 
-from retina_jax import cli, commands
+from retina_jax import cli
 
 
 def main(argv):
@@ -23,7 +23,7 @@ def main(argv):
 
 
 def run():
-    commands.run_absl(main, __doc__, __name__)
+    cli.run_absl(main, __doc__, __name__)
 
 
 if __name__ == "__main__":

@@ -40,13 +40,13 @@ def eval_panels(rows: list[dict]) -> dict[str, list[str]]:
 
 
 def _figure(panels: dict[str, list[str]], rows: list[dict], path: str, annotate: bool) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    # A bare Figure (no pyplot): drawn off-screen without changing a notebook's backend.
+    from matplotlib.figure import Figure
 
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    fig = Figure(figsize=(5 * cols, 3.4 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels.items()):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
@@ -65,8 +65,17 @@ def _figure(panels: dict[str, list[str]], rows: list[dict], path: str, annotate:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
+
+
+def report(workdir: str) -> None:
+    """On process 0: write the run's plots and print where they and its TensorBoard logs are."""
+    import jax
+    if jax.process_index() != 0:
+        return
+    for name, path in plot_run(workdir).items():
+        print(f"{name.replace('_', ' ')}: {path}")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
 
 
 def plot_run(workdir: str) -> dict[str, str]:

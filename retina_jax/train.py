@@ -52,8 +52,7 @@ class Trainer:
         # Rows dropped while parsing the datasets (data.on_error='skip') start a fresh run's skip count.
         self.bad_rows = self.method.bad_rows()
         if self.bad_rows:
-            logging.warning("%d bad dataset rows dropped (data.on_error='skip'), first: %s", len(self.bad_rows),
-                            self.bad_rows[0])
+            logging.warning("%d bad rows dropped (data.on_error='skip'), first: %s", len(self.bad_rows), self.bad_rows[0])
         self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
 
         abstract = jax.eval_shape(self._init_state, jax.random.key(0))
@@ -64,8 +63,7 @@ class Trainer:
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
         self.encoder = Encoder(self.model, self.tokenize, self.mesh)
-        self.evaluators = evals.build(config, out_dir=os.path.join(self.workdir, "transfer"),
-                                      data_root=config.eval_data_root or None)
+        self.evaluators = evals.build(config, out_dir=f"{self.workdir}/transfer", data_root=config.eval_data_root)
         self.writer = MetricWriter(self.workdir, wandb_project=config.train.wandb, run_config=config.to_dict())
         self._stop_signal = None
 
@@ -165,13 +163,9 @@ class Trainer:
                 began = time.perf_counter()
                 batch = next(data_iter)
                 data_wait = time.perf_counter() - began
-                # Bad examples passed over to fill this batch (data.on_error='skip'): a host count
-                # that make_global leaves behind.
+                # Bad examples passed over to fill this batch (data.on_error='skip'), a host count.
                 self.skipped_examples += int(batch.get(files.SKIPPED, 0))
                 state, metrics = self.train_step(state, pipeline.make_global(batch, self.batch_sharding))
-                # The host batch lives in grain's shared memory: let it go now, not when an exception's
-                # traceback releases this frame at exit (a "leaked shared_memory" warning).
-                del batch
                 throughput.add(self.global_batch, data_wait)
                 done = step + 1
                 if done % config.train.log_every == 0 or done == self.total_steps:
@@ -198,16 +192,11 @@ class Trainer:
             if progress is not None:
                 progress.close()
             mngr.close()
-            # Stops grain's worker processes and frees the batches they left in shared memory
-            # (else Python's resource tracker warns about "leaked shared_memory objects" at exit).
-            data_iter.close()
+            data_iter.close()  # stops grain's workers and frees the batches they left in shared memory
         self.state = state
         result = self.evaluate(state, self.total_steps, self._due(self.total_steps)) if config.train.eval_at_end else {}
         self.writer.close()
-        if jax.process_index() == 0:
-            for name, path in plots.plot_run(self.workdir).items():
-                print(f"{name.replace('_', ' ')}: {path}")
-            print(f"TensorBoard: tensorboard --logdir {os.path.join(self.workdir, 'tensorboard')}")
+        plots.report(self.workdir)
         return result
 
     def _due(self, step: int) -> list:

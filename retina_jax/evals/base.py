@@ -103,7 +103,7 @@ def check(config) -> list[str]:
 
 def build(config, names=None, *, out_dir: str | None = None, data_root: str | None = None) -> list[Evaluator]:
     """The evaluators of `names` (default: those training runs), in that order; an unknown name or an
-    entry that cannot run on `config` raises ConfigError naming it."""
+    entry that cannot run on `config` raises ConfigError naming it. `data_root` '' or None: none."""
     names = active(config) if names is None else list(names)
     errors = []
     for name in names:
@@ -114,5 +114,5 @@ def build(config, names=None, *, out_dir: str | None = None, data_root: str | No
         errors += found or REGISTRY[config.evals[name].type].check(config, name, config.evals[name])
     if errors:
         raise ConfigError("cannot evaluate:\n  " + "\n  ".join(errors))
-    return [REGISTRY[config.evals[n].type](config, n, config.evals[n], out_dir=out_dir, data_root=data_root)
+    return [REGISTRY[config.evals[n].type](config, n, config.evals[n], out_dir=out_dir, data_root=data_root or None)
             for n in names]
