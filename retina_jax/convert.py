@@ -179,9 +179,9 @@ def main(argv=None) -> int:
         print(f"  left out {key}: {why}")
     for field, why in manifest["assumed"].items():
         print(f"  assumed {field} = {why}")
-    print("train on from it with:\n  python -m retina_jax.main --config configs/<method>.py "
+    print("train on from it with:\n  retina-jax train --config configs/<method>.py "
           + train_flags(manifest, args.out))
-    print(f"predict with:\n  python -m retina_jax.predict --checkpoint {args.out} --image IMAGE --classes \"a,b\"")
+    print(f"predict with:\n  retina-jax predict --checkpoint {args.out} --image IMAGE --classes \"a,b\"")
     return 0
 
 
