@@ -297,6 +297,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.txt.max_position_embeddings = 512
     c.model.txt.hidden_dropout_prob = 0.1
     c.model.txt.attention_probs_dropout_prob = 0.1
+    # How the text tower's dropout masks are drawn (docs/methods.md, "Dropout draws"): 'packed' (four
+    # 16-bit draws per threefry call, default) or 'flax' (flax's nn.Dropout, one call per element:
+    # the masks of runs recorded before the switch). Either is a function of the key alone.
+    c.model.txt.dropout_draw = "packed"
     c.model.txt.add_pooler = True
     c.model.txt.layer_norm_eps = 1e-12
     c.model.txt.type_vocab_size = 2

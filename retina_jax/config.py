@@ -23,6 +23,7 @@ from retina_jax.evals.zeroshot import LANGUAGES as PROMPT_LANGUAGES
 from retina_jax.errors import ConfigError
 from retina_jax.losses import WSCL_COUPLINGS
 from retina_jax.models.bert import TEXT_POOLING_MODES
+from retina_jax.models.dropout import DROPOUT_DRAWS
 from retina_jax.models.knowledge_attention import KNOWLEDGE_SOFTMAX_AXES
 from retina_jax.models.two_tower import IMAGE_TOWERS, PROJECTIONS
 from retina_jax.sharding import PARAM_SHARDINGS, mesh_shape
@@ -140,6 +141,8 @@ def validate(config, num_devices: int) -> None:
     check(2 <= config.text.max_len <= config.model.txt.max_position_embeddings, "text.max_len",
           f"{config.text.max_len} must be in [2, model.txt.max_position_embeddings="
           f"{config.model.txt.max_position_embeddings}]")
+    check(config.model.txt.dropout_draw in DROPOUT_DRAWS, "model.txt.dropout_draw",
+          f"{config.model.txt.dropout_draw!r} not in {DROPOUT_DRAWS}")
     check(config.model.txt.pooling in TEXT_POOLING_MODES, "model.txt.pooling",
           f"{config.model.txt.pooling!r} not in {TEXT_POOLING_MODES}")
     check(config.model.txt.hidden_size % config.model.txt.num_attention_heads == 0, "model.txt.num_attention_heads",

@@ -184,9 +184,12 @@ def test_remat_gives_identical_losses(replicated_run, tmp_path):
     _, batches, ref = replicated_run
     trainer = Trainer(tiny_config(**{"model.remat": True}), str(tmp_path))
     got = _run(trainer, batches)
-    assert got["loss"] == ref["loss"] and got["losses"] == ref["losses"]  # bit for bit
+    # The forward pass, dropout masks included, is the same bit for bit.
+    assert got["loss"] == ref["loss"] and got["losses"][0] == ref["losses"][0]
     # The recomputed forward is fused differently in the backward pass: gradients agree to float32
-    # rounding (measured: 3.6e-5 relative on single elements at most).
+    # rounding (measured: 3.6e-5 relative on single elements at most), so the parameters after an
+    # update do too (~1e-7 absolute) and later losses differ in their last bits at most.
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-6)
     scale = max(np.abs(g).max() for g in ref["grads"])
     for a, b in zip(got["grads"], ref["grads"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)

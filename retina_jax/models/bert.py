@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from retina_jax.models import maybe_remat
+from retina_jax.models.dropout import Dropout
 
 TEXT_POOLING_MODES = ("flair", "cls", "masked_mean")
 
@@ -43,6 +44,8 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     add_pooler: bool = True
     pad_token_id: int = 0
+    # How dropout masks are drawn (not an HF field; retina_jax/models/dropout.py): 'packed' | 'flax'.
+    dropout_draw: str = "packed"
 
     @classmethod
     def from_hf(cls, config_json: Mapping[str, Any] | str | os.PathLike) -> "BertConfig":
@@ -100,7 +103,7 @@ class BertEmbeddings(nn.Module):
             jnp.arange(seq_len)[None, :])  # [1, L, H]
         x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = _layer_norm(c, self.dtype, "LayerNorm")(x)
-        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob, draw=c.dropout_draw)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -122,7 +125,7 @@ class BertSelfAttention(nn.Module):
         scores = scores + mask_bias  # [B, N, Lq, Lk]; pad keys get the dtype's min
         # Softmax in float32 for stability under bf16 compute (identical in float32).
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_probs_dropout_prob, draw=c.dropout_draw)(probs, deterministic=deterministic)
         out = jnp.einsum("bnqk,bknd->bqnd", probs, v)  # [B, L, N, Dh]
         return out.reshape(out.shape[:2] + (c.hidden_size,))  # [B, L, H]
 
@@ -137,7 +140,7 @@ class BertResidualOutput(nn.Module):
     def __call__(self, x, residual, deterministic: bool):
         c = self.config
         x = _dense(c.hidden_size, self.dtype, "dense")(x)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(c.hidden_dropout_prob, draw=c.dropout_draw)(x, deterministic=deterministic)
         return _layer_norm(c, self.dtype, "LayerNorm")(x + residual)
 
 

@@ -151,7 +151,8 @@ def text_config(txt_config, vocab_size: int) -> BertConfig:
                       num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
                       max_position_embeddings=t.max_position_embeddings, type_vocab_size=t.type_vocab_size,
                       layer_norm_eps=t.layer_norm_eps, hidden_dropout_prob=t.hidden_dropout_prob,
-                      attention_probs_dropout_prob=t.attention_probs_dropout_prob, add_pooler=t.add_pooler)
+                      attention_probs_dropout_prob=t.attention_probs_dropout_prob, add_pooler=t.add_pooler,
+                      dropout_draw=t.dropout_draw)
 
 
 def build_model(model_config, vocab_size: int, image_size: int, max_len: int | None = None) -> TwoTower:
