@@ -1,10 +1,12 @@
 """What a dropout mask's random draws cost (issue 19; benchmarks/RESULTS.md, "The train step
 against PyTorch eager"): inverted dropout of one [64, 100, 512] activation (the demo text tower's
-GELU output at batch 64, 100 tokens) drawn by flax's `nn.Dropout` (`jax.random`'s threefry, what
-the trainer uses), by XLA's RngBitGenerator with the threefry algorithm and by XLA's default
-algorithm (Philox on CPU, what JAX's 'rbg' keys use). Each is jitted once, then timed alternately,
-median of `--repeats`. The RngBitGenerator draws are not used in training: their masks differed
-between a rematerialised and a plain step and between a 2-process and a 1-process run (RESULTS).
+GELU output at batch 64, 100 tokens) drawn by flax's `nn.Dropout` (`jax.random`'s threefry,
+the text tower's `model.txt.dropout_draw='flax'`), by retina_jax's packed draw (four 16-bit
+uniforms per threefry evaluation, the default `'packed'`; retina_jax/models/dropout.py), by XLA's
+RngBitGenerator with the threefry algorithm and by XLA's default algorithm (Philox on CPU, what
+JAX's 'rbg' keys use). Each is jitted once, then timed alternately, median of `--repeats`. The
+RngBitGenerator draws are not used in training: a 2-process run's masks differed from a 1-process
+run's (RESULTS).
 
     python benchmarks/dropout_draws.py
 """
@@ -17,6 +19,8 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from retina_jax.models.dropout import Dropout
 
 
 def xla_dropout(rng, x, rate, algorithm):
@@ -35,6 +39,7 @@ def main(argv=None):
     x = jnp.ones((64, 100, 512))
     apply = lambda layer: lambda rng, x: layer.apply({}, x, deterministic=False, rngs={"dropout": rng})  # noqa: E731
     ways = {"flax nn.Dropout (jax.random threefry)": apply(nn.Dropout(args.rate)),
+            "retina_jax packed (4 per threefry call)": apply(Dropout(args.rate, draw="packed")),
             "XLA RngBitGenerator, threefry": lambda rng, x: xla_dropout(
                 rng, x, args.rate, jax.lax.RandomAlgorithm.RNG_THREE_FRY),
             "XLA RngBitGenerator, default (Philox)": lambda rng, x: xla_dropout(
