@@ -114,3 +114,9 @@ def test_the_draw_is_a_validated_config_field():
     config_lib.override(config, {"model.txt.dropout_draw": "philox"})
     with pytest.raises(config_lib.ConfigError, match=r"model.txt.dropout_draw: 'philox' not in \('packed', 'flax'\)"):
         config_lib.validate(config, 8)
+
+
+@pytest.mark.parametrize("rate", [1e-6, 0.999995])
+def test_a_rate_the_16_bit_draw_cannot_hold_is_an_error(rate):
+    with pytest.raises(ValueError, match=r"in the packed draw's 16-bit resolution"):
+        packed_keep_mask(jax.random.key(0), (4, 8), rate)

@@ -35,6 +35,9 @@ def packed_keep_mask(key, shape, rate: float):
     """Boolean keep mask of `shape`, P(keep) = 1 - round(rate * 2^16) / 2^16, four elements per
     threefry-2x32 evaluation. Returns (mask, scale) with scale the inverse keep probability."""
     threshold = round(rate * _LEVELS)
+    if not 0 < threshold < _LEVELS:  # not a silent change of the rate
+        raise ValueError(f"dropout rate {rate} is {threshold}/65536 in the packed draw's 16-bit resolution; "
+                         "use model.txt.dropout_draw='flax' for it")
     shape = tuple(shape)
     last = shape[-1] if shape else 1
     packed = shape[:-1] + (-(-last // 4),)
@@ -48,7 +51,9 @@ def packed_keep_mask(key, shape, rate: float):
         counts = counts + jax.lax.broadcasted_iota(jnp.uint32, packed, axis) * jnp.uint32(stride)
         stride *= packed[axis]
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    k1, k2 = data[..., 0].astype(jnp.uint32), data[..., 1].astype(jnp.uint32)
+    if data.shape != (2,):
+        raise ValueError(f"the packed dropout draw needs a threefry key (2 words), got key data of shape {data.shape}")
+    k1, k2 = data[0].astype(jnp.uint32), data[1].astype(jnp.uint32)
     bits1, bits2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counts), counts)
     lo16 = jnp.uint32(0xFFFF)
     draws = jnp.stack([bits1 & lo16, bits1 >> 16, bits2 & lo16, bits2 >> 16], axis=-1)
