@@ -4,7 +4,8 @@ draws"; issue 19's step-speed work).
 flax's `nn.Dropout` draws one uniform float per element through `jax.random.bernoulli`; with
 partitionable threefry (the trainer's setting) each element costs one threefry-2x32 evaluation
 (20 rounds) whose two 32-bit outputs are XORed into one word. On CPU that evaluation dominates
-dropout's cost (benchmarks/RESULTS.md, "Dropout's share of the step"). `Dropout(draw='packed')`
+dropout's cost (benchmarks/RESULTS.md, "The train step against PyTorch eager on the same
+architecture", its dropout paragraphs). `Dropout(draw='packed')`
 keeps all 64 output bits of each evaluation and reads them as four 16-bit uniforms: one threefry
 call per four elements.
 
